@@ -1,0 +1,100 @@
+/**
+ * Intention files, kept in git by the team and applied with
+ * `knit intention apply -f FILE`:
+ *
+ *     default: deny
+ *     intentions:
+ *       - { source: web, destination: api, action: allow }
+ *
+ * Every problem is reported with file, line and field; a file with any
+ * problem applies nothing.
+ */
+import { readFile } from 'node:fs/promises';
+import { Ajv } from 'ajv';
+import { ConfigError, type FileProblem } from '../errors.js';
+import { parseLocated, fieldPath, splitPointer } from './document.js';
+import { validateSide, type Action, type Intention, type IntentionSet } from '../policy/intentions.js';
+
+const schema = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['intentions'],
+  properties: {
+    default: { enum: ['allow', 'deny'] },
+    intentions: {
+      type: 'array',
+      items: {
+        type: 'object',
+        additionalProperties: false,
+        required: ['source', 'destination', 'action'],
+        properties: {
+          source: { type: 'string' },
+          destination: { type: 'string' },
+          action: { enum: ['allow', 'deny'] },
+          description: { type: 'string' },
+        },
+      },
+    },
+  },
+} as const;
+
+const validate = new Ajv({ allErrors: true, strict: false }).compile(schema);
+
+/** A parsed intentions file; `defaultAction` is absent when the file does not set it. */
+export interface IntentionsFile {
+  defaultAction?: Action;
+  intentions: Intention[];
+}
+
+/** Parses an intentions file; throws ConfigError with every problem. */
+export function parseIntentionsFile(file: string, text: string): IntentionsFile {
+  const { doc, problems } = parseLocated(file, text);
+  if (!doc) throw new ConfigError(problems);
+  const out: FileProblem[] = [];
+  if (!validate(doc.value)) {
+    for (const e of validate.errors ?? []) {
+      const path = splitPointer(e.instancePath, doc.value);
+      const extra = e.keyword === 'additionalProperties' ? (e.params as { additionalProperty: string }).additionalProperty : undefined;
+      const full = extra !== undefined ? [...path, extra] : path;
+      let message = e.message ?? e.keyword;
+      if (extra !== undefined) message = `unknown field "${extra}"`;
+      else if (e.keyword === 'enum') message = 'must be "allow" or "deny"';
+      out.push({ file, line: extra !== undefined ? doc.lineOfKey(path, extra) : doc.lineOf(path), field: fieldPath(full) || '(top level)', message });
+    }
+    throw new ConfigError(out);
+  }
+  const value = doc.value as { default?: Action; intentions: Intention[] };
+  const seen = new Map<string, number>();
+  value.intentions.forEach((i, n) => {
+    for (const side of ['source', 'destination'] as const) {
+      try {
+        validateSide(i[side], side);
+      } catch (e) {
+        out.push({ file, line: doc.lineOf(['intentions', n, side]), field: fieldPath(['intentions', n, side]), message: (e as Error).message });
+      }
+    }
+    const k = `${i.source}\u0000${i.destination}`;
+    const first = seen.get(k);
+    if (first !== undefined) {
+      out.push({ file, line: doc.lineOf(['intentions', n]), field: fieldPath(['intentions', n]), message: `duplicate intention ${i.source} -> ${i.destination} (first at intentions[${first}])` });
+    } else seen.set(k, n);
+  });
+  if (out.length) throw new ConfigError(out);
+  return { defaultAction: value.default, intentions: value.intentions.map((i) => ({ ...i })) };
+}
+
+/** Reads and parses an intentions file from disk. */
+export async function readIntentionsFile(path: string): Promise<IntentionsFile> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (e) {
+    throw new ConfigError([{ file: path, message: `cannot read: ${(e as Error).message}` }]);
+  }
+  return parseIntentionsFile(path, text);
+}
+
+/** The set that results from applying a file over the current one: the file replaces all intentions. */
+export function applyFile(current: IntentionSet, file: IntentionsFile): IntentionSet {
+  return { defaultAction: file.defaultAction ?? current.defaultAction, intentions: file.intentions };
+}

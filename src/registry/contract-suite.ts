@@ -1,0 +1,226 @@
+/**
+ * The Registry contract as a test suite. Every backend runs it:
+ * `registryContract('zookeeper', makeBackend)`. A backend that cannot run
+ * here passes `skip` with a one-line reason, which node:test prints.
+ */
+import { test, describe, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import type { Instance, KvEntry, Registry } from './registry.js';
+import { isKnitError } from '../errors.js';
+import { Recorder, until } from '../../test/helpers/wait.js';
+
+/** What a backend gives the suite. */
+export interface ContractBackend {
+  /** A new, independent client of the same registry. */
+  client(): Promise<Registry>;
+  /** Makes a client's owner die without closing (crash, lost session); absent when the backend cannot. */
+  kill?(r: Registry): Promise<void>;
+  /** Drops every client and the backend's process state, then opens the same registry again. */
+  reopen?(): Promise<void>;
+  /** How long a killed owner's instances may take to vanish. */
+  livenessTimeoutMs?: number;
+  cleanup(): Promise<void>;
+}
+
+let seq = 0;
+const inst = (service: string, n: number, extra: Partial<Instance> = {}): Instance => ({
+  id: `node${n}/${service}`,
+  service,
+  node: `node${n}`,
+  address: `10.0.0.${n}`,
+  port: 21000 + n,
+  tags: ['t'],
+  meta: { k: 'v' },
+  health: 'passing',
+  ...extra,
+});
+
+/** Runs the contract against a backend. */
+export function registryContract(name: string, make: () => Promise<ContractBackend>, opts: { skip?: string } = {}): void {
+  describe(`Registry contract: ${name}`, { skip: opts.skip }, () => {
+    let backend: ContractBackend;
+    const clients: Registry[] = [];
+    const client = async (): Promise<Registry> => {
+      const c = await backend.client();
+      clients.push(c);
+      return c;
+    };
+    // Each test uses its own service and key names so that tests never see each other's data.
+    const svc = (): string => `svc-${process.pid}-${++seq}`;
+
+    before(async () => {
+      backend = await make();
+    });
+    after(async () => {
+      for (const c of clients) await c.close().catch(() => undefined);
+      await backend.cleanup();
+    });
+
+    test('a registered instance is delivered to a watcher on another client', async () => {
+      const [a, b] = [await client(), await client()];
+      const s = svc();
+      const rec = new Recorder<Instance[]>();
+      const w = b.watchService(s, rec.push);
+      await rec.next('empty first snapshot', (l) => l.length === 0);
+      await a.register(inst(s, 1));
+      const [got] = await rec.next('instance', (l) => l.length === 1);
+      assert.deepEqual(got, inst(s, 1));
+      await a.register(inst(s, 2));
+      await rec.next('two instances sorted', (l) => l.length === 2 && l[0]!.id < l[1]!.id);
+      w.close();
+    });
+
+    test('critical instances leave the watched set and come back when passing; warning stays', async () => {
+      const [a, b] = [await client(), await client()];
+      const s = svc();
+      await a.register(inst(s, 1));
+      await a.register(inst(s, 2));
+      const rec = new Recorder<Instance[]>();
+      const w = b.watchService(s, rec.push);
+      await rec.next('two', (l) => l.length === 2);
+      await a.setHealth(inst(s, 1).id, 'critical');
+      const one = await rec.next('one left', (l) => l.length === 1);
+      assert.equal(one[0]!.id, inst(s, 2).id);
+      assert.equal((await b.instances(s)).find((i) => i.id === inst(s, 1).id)?.health, 'critical');
+      await a.setHealth(inst(s, 1).id, 'warning');
+      await rec.next('back as warning', (l) => l.length === 2 && l.some((i) => i.id === inst(s, 1).id && i.health === 'warning'));
+      w.close();
+    });
+
+    test('deregister removes an instance; a second deregister is fine', async () => {
+      const [a, b] = [await client(), await client()];
+      const s = svc();
+      await a.register(inst(s, 1));
+      const rec = new Recorder<Instance[]>();
+      const w = b.watchService(s, rec.push);
+      await rec.next('one', (l) => l.length === 1);
+      await a.deregister(inst(s, 1).id);
+      await rec.next('gone', (l) => l.length === 0, 5000, 1);
+      await a.deregister(inst(s, 1).id);
+      assert.deepEqual(await b.instances(s), []);
+      w.close();
+    });
+
+    test('re-registering replaces the instance in place', async () => {
+      const a = await client();
+      const s = svc();
+      await a.register(inst(s, 1));
+      await a.register(inst(s, 1, { port: 30001, tags: ['v2'] }));
+      const list = await a.instances(s);
+      assert.equal(list.length, 1);
+      assert.equal(list[0]!.port, 30001);
+      assert.deepEqual(list[0]!.tags, ['v2']);
+    });
+
+    test('setHealth on an unknown instance rejects KNIT_ERR_NOT_FOUND', async () => {
+      const a = await client();
+      await assert.rejects(a.setHealth(`nobody/${svc()}`, 'passing'), (e: unknown) => isKnitError(e, 'KNIT_ERR_NOT_FOUND'));
+    });
+
+    test('listServices counts instances and routable ones', async () => {
+      const a = await client();
+      const s = svc();
+      await a.register(inst(s, 1));
+      await a.register(inst(s, 2, { health: 'critical' }));
+      const got = (await a.listServices()).find((x) => x.name === s);
+      assert.deepEqual(got, { name: s, instances: 2, routable: 1 });
+    });
+
+    test('closing a client removes its instances, not other clients\'', async () => {
+      const [a, b, c] = [await client(), await client(), await client()];
+      const s = svc();
+      await a.register(inst(s, 1));
+      await b.register(inst(s, 2));
+      const rec = new Recorder<Instance[]>();
+      c.watchService(s, rec.push);
+      await rec.next('two', (l) => l.length === 2);
+      await a.close();
+      const left = await rec.next('one left', (l) => l.length === 1);
+      assert.equal(left[0]!.node, 'node2');
+    });
+
+    test('a dead owner\'s instances vanish within the liveness timeout', async (t) => {
+      if (!backend.kill) return t.skip(`${name} cannot kill a client's owner from a test`);
+      const [a, b] = [await client(), await client()];
+      const s = svc();
+      await a.register(inst(s, 1));
+      const rec = new Recorder<Instance[]>();
+      b.watchService(s, rec.push);
+      await rec.next('one', (l) => l.length === 1);
+      await backend.kill(a);
+      await rec.next('vanished', (l) => l.length === 0, backend.livenessTimeoutMs ?? 5000);
+    });
+
+    test('kv: create-only, compare-and-set, conflicts, delete', async () => {
+      const [a, b] = [await client(), await client()];
+      const key = `test/${svc()}`;
+      assert.equal(await a.kvGet(key), undefined);
+      const v1 = await a.kvSet(key, 'one', 0);
+      assert.ok(v1 > 0);
+      await assert.rejects(b.kvSet(key, 'again', 0), (e: unknown) => isKnitError(e, 'KNIT_ERR_CAS_CONFLICT') && e.retryable);
+      const v2 = await b.kvSet(key, 'two', v1);
+      assert.notEqual(v2, v1);
+      await assert.rejects(a.kvSet(key, 'stale', v1), (e: unknown) => isKnitError(e, 'KNIT_ERR_CAS_CONFLICT'));
+      assert.deepEqual(await a.kvGet(key), { value: 'two', version: v2 });
+      const v3 = await a.kvSet(key, 'three');
+      assert.equal((await b.kvGet(key))?.value, 'three');
+      await assert.rejects(a.kvDelete(key, v2), (e: unknown) => isKnitError(e, 'KNIT_ERR_CAS_CONFLICT'));
+      await a.kvDelete(key, v3);
+      assert.equal(await b.kvGet(key), undefined);
+      await a.kvDelete(key);
+    });
+
+    test('kv: concurrent compare-and-set lets exactly one writer win', async () => {
+      const clientsN = await Promise.all([client(), client(), client(), client()]);
+      const key = `test/${svc()}`;
+      const v = await clientsN[0].kvSet(key, '0', 0);
+      const results = await Promise.allSettled(clientsN.map((c, i) => c.kvSet(key, String(i), v)));
+      assert.equal(results.filter((r) => r.status === 'fulfilled').length, 1);
+    });
+
+    test('kv: values up to 256 KiB and any text round-trip', async () => {
+      const a = await client();
+      const key = `test/${svc()}`;
+      const big = 'é\n"{}'.repeat(50_000);
+      await a.kvSet(key, big);
+      assert.equal((await a.kvGet(key))?.value, big);
+    });
+
+    test('kv: a watcher sees the current value, each change and the delete', async () => {
+      const [a, b] = [await client(), await client()];
+      const key = `test/${svc()}`;
+      await a.kvSet(key, 'first');
+      const rec = new Recorder<KvEntry | undefined>();
+      const w = b.watchKey(key, rec.push);
+      await rec.next('current', (e) => e?.value === 'first');
+      await a.kvSet(key, 'second');
+      await rec.next('change', (e) => e?.value === 'second');
+      await a.kvDelete(key);
+      await rec.next('delete', (e) => e === undefined);
+      w.close();
+      await a.kvSet(key, 'after close');
+      await until('kv write visible', async () => (await a.kvGet(key))?.value === 'after close');
+      assert.ok(!rec.values.some((e) => e?.value === 'after close'), 'no delivery after close');
+    });
+
+    test('kv survives reopening the registry; instances do not', async (t) => {
+      if (!backend.reopen) return t.skip(`${name} has no reopen`);
+      const a = await client();
+      const key = `test/${svc()}`;
+      const s = svc();
+      await a.kvSet(key, 'durable');
+      await a.register(inst(s, 1));
+      await backend.reopen();
+      const b = await client();
+      assert.equal((await b.kvGet(key))?.value, 'durable');
+      await until('instances gone after reopen', async () => (await b.instances(s)).length === 0, backend.livenessTimeoutMs ?? 5000);
+    });
+
+    test('a closed client rejects with KNIT_ERR_CLOSED', async () => {
+      const a = await client();
+      await a.close();
+      await a.close();
+      await assert.rejects(a.kvGet('x'), (e: unknown) => isKnitError(e, 'KNIT_ERR_CLOSED'));
+    });
+  });
+}

@@ -1,0 +1,136 @@
+/**
+ * The Registry contract: where instances of services are registered and
+ * found, plus a small versioned key/value store for cluster state
+ * (intentions, CA roots). Every backend (embedded, ZooKeeper, Consul)
+ * implements exactly this and passes `registryContract()`.
+ *
+ * Only neutral types cross it: plain records and strings, never a
+ * ZooKeeper or Consul client object.
+ */
+import type { HealthStatus } from '../config/services.js';
+
+export type { HealthStatus };
+
+/** One running instance of a service, as peers see it. */
+export interface Instance {
+  /** Unique in the registry; agents use `<node>/<service id>`. */
+  id: string;
+  /** Service name: what upstreams and intentions refer to. */
+  service: string;
+  /** Node (host) that runs it. */
+  node: string;
+  /** Address peers dial. */
+  address: string;
+  /** The mesh (inbound mTLS) port peers dial. */
+  port: number;
+  tags: string[];
+  meta: Record<string, string>;
+  health: HealthStatus;
+}
+
+/** A service as `knit services` lists it. */
+export interface ServiceSummary {
+  name: string;
+  instances: number;
+  /** Instances a peer would route to (passing or warning). */
+  routable: number;
+}
+
+/** A value in the KV store with its version. */
+export interface KvEntry {
+  value: string;
+  /** Positive; changes on every write of the key. */
+  version: number;
+}
+
+/** A live subscription. */
+export interface Watch {
+  /** Stops delivery; no callback runs after it resolves. */
+  close(): void;
+}
+
+/** Called when a watch cannot refresh; the last delivered state stays valid (fail static). */
+export type WatchErrorHandler = (err: Error) => void;
+
+/** True for instances peers should route to: warning still serves, critical does not. */
+export function isRoutable(i: Pick<Instance, 'health'>): boolean {
+  return i.health !== 'critical';
+}
+
+/**
+ * A client of a registry. Instances it registers belong to it: they are
+ * removed when it deregisters them, when it is closed, and when its owner
+ * dies (the backend's session or lease ends). KV entries are durable.
+ *
+ * Methods reject with KnitError: KNIT_ERR_REGISTRY_UNAVAILABLE when the
+ * backend cannot be reached (retryable), KNIT_ERR_CAS_CONFLICT when a
+ * compare-and-set loses, KNIT_ERR_NOT_FOUND for an unknown instance,
+ * KNIT_ERR_CLOSED after close().
+ */
+export interface Registry {
+  /** Backend name for messages: `embedded`, `zookeeper`, `consul`. */
+  readonly kind: string;
+
+  /**
+   * Registers `instance`, or replaces the one with the same id owned by
+   * this client. Resolves once a new watcher would see it. Does not touch
+   * instances owned by other clients.
+   */
+  register(instance: Instance): Promise<void>;
+
+  /** Changes the health of an instance this client registered. Rejects KNIT_ERR_NOT_FOUND otherwise. */
+  setHealth(id: string, health: HealthStatus): Promise<void>;
+
+  /** Removes an instance this client registered; resolves also if it is already gone. */
+  deregister(id: string): Promise<void>;
+
+  /** Every instance of a service, whatever its health, sorted by id. */
+  instances(service: string): Promise<Instance[]>;
+
+  /** Every service with at least one instance, sorted by name. */
+  listServices(): Promise<ServiceSummary[]>;
+
+  /**
+   * Delivers the routable instances of `service` (sorted by id): once as
+   * soon as they are known, then after every change. Snapshots are whole
+   * lists, never diffs. While the backend is unreachable nothing is
+   * delivered and `onError` is told; the caller keeps routing on the last
+   * snapshot. Delivery resumes with a fresh snapshot on reconnection.
+   */
+  watchService(service: string, onSnapshot: (instances: Instance[]) => void, onError?: WatchErrorHandler): Watch;
+
+  /** Reads a key; undefined when it does not exist. */
+  kvGet(key: string): Promise<KvEntry | undefined>;
+
+  /**
+   * Writes a key. With `expectedVersion` it is a compare-and-set: 0 means
+   * "must not exist yet", any other number must equal the current version.
+   * Resolves with the new version; rejects KNIT_ERR_CAS_CONFLICT on a
+   * mismatch. Durable once resolved.
+   */
+  kvSet(key: string, value: string, expectedVersion?: number): Promise<number>;
+
+  /** Deletes a key (with an optional expected version); resolves also if absent. */
+  kvDelete(key: string, expectedVersion?: number): Promise<void>;
+
+  /** Delivers the key's entry (or undefined) now and after each change; fail static as watchService. */
+  watchKey(key: string, onValue: (entry: KvEntry | undefined) => void, onError?: WatchErrorHandler): Watch;
+
+  /** Deregisters this client's instances and releases resources. Idempotent. */
+  close(): Promise<void>;
+}
+
+/** KV keys knit itself uses. */
+export const KV_KEYS = {
+  intentions: 'intentions',
+  caRoots: 'ca/roots',
+  trustDomain: 'ca/trust-domain',
+} as const;
+
+/** Keys are `/`-separated segments of `[A-Za-z0-9._-]`, so every backend can store them as paths. */
+export function validateKey(key: string): string {
+  if (!/^[A-Za-z0-9._-]+(\/[A-Za-z0-9._-]+)*$/.test(key)) {
+    throw new Error(`invalid registry key ${JSON.stringify(key)}`);
+  }
+  return key;
+}
