@@ -33,7 +33,8 @@ export interface InboundOptions {
   listenPort: number;
   targetHost: string;
   targetPort: number;
-  tls: ServiceTls;
+  /** Material to serve; absent until the first leaf arrives (handshakes fail until setTls). */
+  tls?: ServiceTls;
   /** Decides a connection from `source` to this service. */
   authorize: (source: SpiffeId) => Decision;
   log: Logger;
@@ -80,7 +81,7 @@ export class InboundProxy {
     // A server takes its material as options (a `secureContext` option is ignored
     // for the server's own certificate); renewals go through setSecureContext.
     this.server = tls.createServer({
-      ...tlsOptions(o.tls),
+      ...(o.tls ? tlsOptions(o.tls) : {}),
       requestCert: true,
       // Verification still happens in OpenSSL; knit refuses unverified peers itself in
       // accept() so that every refusal is logged and counted with its reason (Node's

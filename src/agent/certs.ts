@@ -1,0 +1,117 @@
+/**
+ * Keeping each local service's leaf certificate fresh. The key is made
+ * here and never leaves the host; the CSR goes to the control plane. A leaf
+ * is renewed at a random point between 60% and 90% of its life (Consul's
+ * window: spreads a fleet's renewals so a CA restart is not a stampede),
+ * and retried with backoff on failure, long before it expires.
+ */
+import { createCsr, validateLeaf, type SignedLeaf } from '../identity/ca.js';
+import type { SpiffeId } from '../identity/spiffe.js';
+import type { ServiceTls } from '../proxy/tls.js';
+import { EVENTS, type Logger } from '../log/logger.js';
+
+/** What the agent needs from the control plane to get certificates. */
+export interface CertSigner {
+  /**
+   * Signs a CSR for a service registered on this agent's node. Rejects
+   * KNIT_ERR_CA when refused, a retryable KnitError when unreachable.
+   */
+  signService(service: string, csrPem: string): Promise<SignedLeaf>;
+  /** The roots a peer must chain to. */
+  trustBundle(): Promise<string[]>;
+}
+
+/** Milliseconds from `now` until a leaf should be renewed; `rand` in [0, 1). */
+export function renewalDelay(notBefore: Date, notAfter: Date, now: Date, rand: number): number {
+  const life = notAfter.getTime() - notBefore.getTime();
+  const at = notBefore.getTime() + life * (0.6 + 0.3 * rand);
+  return Math.max(0, at - now.getTime());
+}
+
+/** Backoff for a failed renewal: doubling from 1 s, at most a minute, never past a tenth of what is left. */
+export function retryDelay(attempt: number, msLeft: number): number {
+  return Math.max(1000, Math.min(60_000, 1000 * 2 ** attempt, msLeft / 10));
+}
+
+export interface LeafManagerOptions {
+  id: SpiffeId;
+  service: string;
+  signer: CertSigner;
+  log: Logger;
+  /** Called with new material after every renewal. */
+  onRenewed: (t: ServiceTls) => void;
+  random?: () => number;
+  now?: () => Date;
+}
+
+/** One service's leaf: obtained once, then renewed forever until stopped. */
+export class LeafManager {
+  private material: ServiceTls | undefined;
+  private notBefore = new Date(0);
+  private notAfter = new Date(0);
+  private timer: NodeJS.Timeout | undefined;
+  private stopped = false;
+  private attempt = 0;
+
+  constructor(private readonly o: LeafManagerOptions) {}
+
+  get current(): ServiceTls {
+    if (!this.material) throw new Error(`no certificate for ${this.o.service} yet`);
+    return this.material;
+  }
+
+  get expires(): Date {
+    return this.notAfter;
+  }
+
+  /** Issues the first leaf (rejects if it cannot) and schedules renewals. */
+  async start(): Promise<ServiceTls> {
+    const t = await this.issue();
+    this.schedule();
+    return t;
+  }
+
+  /** Issues a new leaf now. */
+  async issue(): Promise<ServiceTls> {
+    const now = (this.o.now ?? (() => new Date()))();
+    const { keyPem, csrPem } = await createCsr(this.o.id);
+    const signed = await this.o.signer.signService(this.o.service, csrPem);
+    const info = validateLeaf(signed.certPem, this.o.id, now);
+    const bundle = await this.o.signer.trustBundle();
+    this.material = { certChainPem: [signed.certPem, ...signed.chainPem].join('\n'), keyPem, trustBundlePem: bundle };
+    this.notAfter = info.notAfter;
+    this.notBefore = info.notBefore;
+    this.o.log.info({ event: EVENTS.certIssued, service: this.o.service, id: this.o.id.uri, serial: info.serial, notAfter: info.notAfter.toISOString() }, `certificate for ${this.o.service} valid until ${info.notAfter.toISOString()}`);
+    return this.material;
+  }
+
+  private schedule(delay?: number): void {
+    if (this.stopped) return;
+    const now = (this.o.now ?? (() => new Date()))();
+    const ms = delay ?? renewalDelay(this.notBefore, this.notAfter, now, (this.o.random ?? Math.random)());
+    clearTimeout(this.timer);
+    // setTimeout caps at 2^31-1 ms (24.8 days); longer waits are re-armed.
+    this.timer = setTimeout(() => void this.renew(), Math.min(ms, 2 ** 31 - 1));
+    this.timer.unref();
+  }
+
+  private async renew(): Promise<void> {
+    if (this.stopped) return;
+    try {
+      const t = await this.issue();
+      this.attempt = 0;
+      if (!this.stopped) this.o.onRenewed(t);
+      this.schedule();
+    } catch (e) {
+      const left = this.notAfter.getTime() - Date.now();
+      const wait = retryDelay(this.attempt++, left);
+      this.o.log.warn({ event: EVENTS.certRenewFailed, service: this.o.service, err: (e as Error).message, retryInMs: wait, expiresInMs: left }, `renewing certificate of ${this.o.service} failed: ${(e as Error).message}`);
+      this.schedule(wait);
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+}

@@ -1,0 +1,241 @@
+/**
+ * The `knit` command line: parses flags, calls into app/ or the admin API,
+ * prints. Every command has --help; failures exit non-zero with one line.
+ */
+import { Command, Option } from 'commander';
+import { resolve } from 'node:path';
+import { startDev } from '../app/dev.js';
+import { createLogger } from '../log/logger.js';
+import { logLevel, devDataDir } from '../config/env.js';
+import { readIntentionsFile } from '../config/intentions-file.js';
+import { ConfigError, KnitError, formatProblem } from '../errors.js';
+import type { ServiceSummary, Instance } from '../registry/registry.js';
+import type { ServiceState } from '../agent/agent.js';
+import { api, CliError } from './client.js';
+import { validate, printValidate } from './validate.js';
+
+const program = new Command();
+program.name('knit').description('A service mesh for mixed fleets of VMs, bare metal, containers and Kubernetes').version('0.1.0');
+
+const adminOpt = (): Option => new Option('--admin <url>', 'admin API of the local knit (default $KNIT_ADMIN_ADDR or http://127.0.0.1:7701)');
+const jsonOpt = (): Option => new Option('--json', 'print JSON');
+
+/** Parses `host:port`, allowing only loopback hosts for admin APIs. */
+function loopbackAddr(v: string): { host: string; port: number } {
+  const m = /^(.*):(\d+)$/.exec(v);
+  if (!m) throw new CliError(`--admin-addr ${v}: expected host:port`);
+  const host = m[1]!.replace(/^\[|\]$/g, '');
+  if (!/^(127\.\d+\.\d+\.\d+|::1|localhost)$/.test(host)) throw new CliError(`--admin-addr ${v}: the admin API listens on loopback only`);
+  return { host, port: Number(m[2]) };
+}
+
+function intArg(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0 || n > 65535) throw new CliError(`${name} ${v}: expected a port number`);
+    return n;
+  };
+}
+
+program
+  .command('dev')
+  .description('the whole mesh on one host in one process: control plane, embedded registry, agent, proxies')
+  .option('--config-dir <dir>', 'service definitions (*.json, *.yaml, *.yml)', '/etc/knit/services.d')
+  .option('--data-dir <dir>', 'CA, trust domain and registry state', devDataDir())
+  .option('--admin-addr <host:port>', 'admin API address (loopback only)', '127.0.0.1:7701')
+  .option('--inbound-port-base <port>', 'first mesh inbound port (0: any free port)', intArg('--inbound-port-base'), 21000)
+  .option('--trust-domain <name>', 'trust domain for a new CA (default <uuid>.knit)')
+  .action(async (o: { configDir: string; dataDir: string; adminAddr: string; inboundPortBase: number; trustDomain?: string }) => {
+    const admin = loopbackAddr(o.adminAddr);
+    const log = createLogger({ level: logLevel() });
+    let dev;
+    try {
+      dev = await startDev({
+        configDir: resolve(o.configDir), dataDir: resolve(o.dataDir), adminHost: admin.host, adminPort: admin.port,
+        inboundPortBase: o.inboundPortBase, trustDomain: o.trustDomain, initialDefault: 'allow', log,
+      });
+    } catch (e) {
+      if (e instanceof ConfigError) {
+        for (const p of e.problems) console.error(formatProblem(p));
+        throw new CliError(`refusing to start: ${e.problems.length} problem(s) in the service files of ${o.configDir}`);
+      }
+      throw e;
+    }
+    for (const w of dev.warnings) console.error(`warning: ${formatProblem(w)}`);
+    const out = [
+      `knit dev: trust domain ${dev.trustDomain} (${dev.caCreated ? 'new CA' : 'CA'} in ${resolve(o.dataDir)})`,
+      dev.defaultAction === 'allow'
+        ? 'knit dev: default intention is ALLOW (development default; apply an intentions file with "default: deny" to change it)'
+        : 'knit dev: default intention is deny',
+      `knit dev: admin API http://${admin.host}:${dev.adminPort}`,
+      ...dev.services.flatMap((s) => [
+        `  ${s.name}: mesh ${s.meshPort ? `:${s.meshPort}` : '(none)'} -> app ${s.app ?? '(none)'}, ${s.health}`,
+        ...s.upstreams.map((u) => `    upstream ${u.destination} on ${u.local}`),
+      ]),
+      'knit dev ready',
+    ];
+    console.log(out.join('\n'));
+    process.on('SIGHUP', () => {
+      void dev.reload().then((r) => {
+        if (!r.ok) console.error(`reload refused, running services kept:\n${r.problems.map(formatProblem).join('\n')}`);
+      });
+    });
+    let stopping = false;
+    const stop = (): void => {
+      if (stopping) return;
+      stopping = true;
+      // Drain bound: in-flight requests get five seconds, then connections are reset.
+      void dev.stop(5000).then(() => process.exit(0));
+    };
+    process.on('SIGTERM', stop);
+    process.on('SIGINT', stop);
+  });
+
+program
+  .command('validate')
+  .description('check service and intention files; prints every error with file, line and field')
+  .argument('<dir-or-file>')
+  .addOption(jsonOpt())
+  .action(async (target: string, o: { json?: boolean }) => {
+    process.exitCode = printValidate(await validate(target), !!o.json);
+  });
+
+program
+  .command('services')
+  .description('services and their healthy instances as the registry sees them')
+  .option('--watch', 'print again whenever something changes')
+  .addOption(adminOpt())
+  .addOption(jsonOpt())
+  .action(async (o: { watch?: boolean; admin?: string; json?: boolean }) => {
+    let last = '';
+    for (;;) {
+      const list = await api<Array<Omit<ServiceSummary, 'instances'> & { instances: Instance[] }>>(o, 'GET', '/v1/services');
+      const text = o.json
+        ? JSON.stringify(list, null, 1)
+        : list.length === 0
+          ? 'no services registered'
+          : list
+              .map((s) => [`${s.name}  ${s.routable}/${s.instances.length} routable`, ...s.instances.map((i) => `  ${i.id}  ${i.address}:${i.port}  ${i.health}`)].join('\n'))
+              .join('\n');
+      if (text !== last) console.log(o.watch && last ? `\n${text}` : text);
+      last = text;
+      if (!o.watch) return;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  });
+
+interface IntentionsView {
+  default: string;
+  intentions: Array<{ source: string; destination: string; action: string }>;
+}
+const printIntentions = (v: IntentionsView, json?: boolean): void => {
+  if (json) return console.log(JSON.stringify(v, null, 1));
+  console.log(`default: ${v.default}`);
+  for (const i of v.intentions) console.log(`${i.source} -> ${i.destination}: ${i.action}`);
+};
+
+const intention = program.command('intention').description('manage intentions (allow/deny between services)');
+for (const act of ['allow', 'deny'] as const) {
+  intention
+    .command(act)
+    .description(`${act} connections from SRC to DST (either may be "*")`)
+    .argument('<src>')
+    .argument('<dst>')
+    .addOption(adminOpt())
+    .addOption(jsonOpt())
+    .action(async (source: string, destination: string, o: { admin?: string; json?: boolean }) => {
+      await api(o, 'PUT', '/v1/intentions', { source, destination, action: act });
+      if (o.json) console.log(JSON.stringify({ source, destination, action: act }));
+      else console.log(`${source} -> ${destination}: ${act}`);
+    });
+}
+intention
+  .command('delete')
+  .description('delete the intention from SRC to DST')
+  .argument('<src>')
+  .argument('<dst>')
+  .addOption(adminOpt())
+  .action(async (source: string, destination: string, o: { admin?: string }) => {
+    await api(o, 'DELETE', `/v1/intentions?source=${encodeURIComponent(source)}&destination=${encodeURIComponent(destination)}`);
+    console.log(`deleted ${source} -> ${destination}`);
+  });
+intention
+  .command('list')
+  .description('list intentions by precedence, and the default')
+  .addOption(adminOpt())
+  .addOption(jsonOpt())
+  .action(async (o: { admin?: string; json?: boolean }) => printIntentions(await api<IntentionsView>(o, 'GET', '/v1/intentions'), o.json));
+intention
+  .command('apply')
+  .description('replace all intentions with those of a file (and its default, if it sets one)')
+  .requiredOption('-f, --file <file>', 'intentions file (YAML or JSON)')
+  .addOption(adminOpt())
+  .addOption(jsonOpt())
+  .action(async (o: { file: string; admin?: string; json?: boolean }) => {
+    let f;
+    try {
+      f = await readIntentionsFile(o.file);
+    } catch (e) {
+      if (e instanceof ConfigError) {
+        for (const p of e.problems) console.error(formatProblem(p));
+        throw new CliError(`nothing applied: ${e.problems.length} problem(s) in ${o.file}`);
+      }
+      throw e;
+    }
+    const v = await api<IntentionsView>(o, 'POST', '/v1/intentions/apply', { default: f.defaultAction, intentions: f.intentions });
+    if (!o.json) console.log(`applied ${f.intentions.length} intention(s) from ${o.file}`);
+    printIntentions(v, o.json);
+  });
+intention
+  .command('check')
+  .description('the decision for SRC -> DST and the rule (or default) behind it')
+  .argument('<src>')
+  .argument('<dst>')
+  .addOption(adminOpt())
+  .addOption(jsonOpt())
+  .action(async (source: string, destination: string, o: { admin?: string; json?: boolean }) => {
+    const d = await api<{ allow: boolean; rule: string }>(o, 'GET', `/v1/intentions/check?source=${encodeURIComponent(source)}&destination=${encodeURIComponent(destination)}`);
+    if (o.json) console.log(JSON.stringify({ source, destination, ...d }));
+    else console.log(`${d.allow ? 'allowed' : 'denied'}: ${source} -> ${destination} by ${d.rule}`);
+  });
+
+const ca = program.command('ca').description('the certificate authority');
+ca.command('roots')
+  .description('print the trust bundle (PEM)')
+  .addOption(adminOpt())
+  .addOption(jsonOpt())
+  .action(async (o: { admin?: string; json?: boolean }) => {
+    const r = await api<{ trustDomain: string; roots: string[] }>(o, 'GET', '/v1/ca/roots');
+    console.log(o.json ? JSON.stringify(r, null, 1) : r.roots.join('\n').trim());
+  });
+
+program
+  .command('check')
+  .description('diagnostics to run when something is wrong')
+  .addOption(adminOpt())
+  .addOption(jsonOpt())
+  .action(async (o: { admin?: string; json?: boolean }) => {
+    const findings: Array<{ level: 'ok' | 'warn' | 'error'; what: string }> = [];
+    const state = await api<{ node: string; trustDomain: string; services: ServiceState[] }>(o, 'GET', '/v1/state');
+    findings.push({ level: 'ok', what: `agent ${state.node} in trust domain ${state.trustDomain}, ${state.services.length} service(s)` });
+    const soon = Date.now() + 3600_000;
+    for (const s of state.services) {
+      if (s.health === 'critical') findings.push({ level: 'error', what: `${s.name} is critical: ${s.checks.filter((c) => c.status !== 'passing').map((c) => `${c.id}: ${c.output}`).join('; ')}` });
+      else if (s.health === 'warning') findings.push({ level: 'warn', what: `${s.name} is warning` });
+      if (s.certificateExpires && Date.parse(s.certificateExpires) < soon) findings.push({ level: 'warn', what: `${s.name}'s certificate expires at ${s.certificateExpires}` });
+      for (const u of s.upstreams) {
+        if (!u.endpoints.length) findings.push({ level: 'error', what: `${s.name} -> ${u.destination}: no healthy instance (connections to ${u.local} are reset)` });
+        const d = await api<{ allow: boolean; rule: string }>(o, 'GET', `/v1/intentions/check?source=${encodeURIComponent(s.name)}&destination=${encodeURIComponent(u.destination)}`).catch(() => undefined);
+        if (d && !d.allow) findings.push({ level: 'error', what: `${s.name} -> ${u.destination} is denied by ${d.rule}` });
+      }
+    }
+    if (o.json) console.log(JSON.stringify(findings, null, 1));
+    else for (const f of findings) console.log(`${f.level.padEnd(5)} ${f.what}`);
+    if (findings.some((f) => f.level === 'error')) process.exitCode = 1;
+  });
+
+program.parseAsync(process.argv).catch((e: unknown) => {
+  const msg = e instanceof CliError || e instanceof KnitError ? e.message : e instanceof Error ? e.message : String(e);
+  console.error(`knit: ${msg}`);
+  process.exit(1);
+});
