@@ -79,6 +79,8 @@ async function readBody(req: http.IncomingMessage): Promise<unknown> {
 export function router(routes: Route[], log: Logger): http.RequestListener {
   const table = routes.map((r) => ({ ...r, ...compile(r.path) }));
   return (req, res) => {
+    // A client that resets mid-body must not become an uncaught error.
+    req.on('error', () => undefined);
     void (async () => {
       const url = new URL(req.url ?? '/', 'http://x');
       let status = 200;
@@ -106,6 +108,8 @@ export function router(routes: Route[], log: Logger): http.RequestListener {
         if (status === 500) log.error({ err: (e as Error).message, path: url.pathname }, 'API handler failed');
         payload = JSON.stringify({ error: err.message, code: err.code, ...(e instanceof ConfigError ? { problems: e.problems } : {}) });
       }
+      // A body left unread (refused as too large) makes the connection unusable: say so.
+      if (!req.complete) res.setHeader('connection', 'close');
       res.writeHead(status, { 'content-type': type, 'content-length': Buffer.byteLength(payload) });
       res.end(payload);
     })();
