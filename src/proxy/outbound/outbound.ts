@@ -47,6 +47,16 @@ export class OutboundProxy {
   private next = 0;
   private readonly peers = new PeerIdentityReader();
   private readonly open = new Set<Socket>();
+  /**
+   * TLS 1.3 session tickets per endpoint: a resumed handshake skips the
+   * certificate exchange and its signatures, several times cheaper than a
+   * full one. The server still knows the client's verified identity from
+   * the ticket. A resumed session shows the client no certificate, so the
+   * server identity proven in the full handshake is kept with the ticket:
+   * only the server that holds that session's secret can resume it.
+   * Dropped on renewal so new sessions carry the new leaf.
+   */
+  private readonly sessions = new Map<string, { ticket: Buffer; peer: string }>();
   private readonly expected: string;
 
   constructor(private readonly o: OutboundOptions) {
@@ -80,6 +90,7 @@ export class OutboundProxy {
 
   setTls(t: ServiceTls): void {
     this.ctx = secureContext(t);
+    this.sessions.clear();
   }
 
   private fail(app: Socket, result: string, msg: string, extra: Record<string, unknown> = {}): void {
@@ -117,10 +128,13 @@ export class OutboundProxy {
 
   private connect(ep: Instance): Promise<TLSSocket> {
     return new Promise((resolve, reject) => {
+      const key = `${ep.address}:${ep.port}`;
+      const ctx = this.ctx;
       const s = tls.connect({
         host: ep.address,
         port: ep.port,
-        secureContext: this.ctx,
+        secureContext: ctx,
+        session: this.sessions.get(key)?.ticket,
         rejectUnauthorized: true,
         minVersion: 'TLSv1.3',
         // Identity is a SPIFFE URI, checked below; Node's check only knows DNS names.
@@ -131,18 +145,27 @@ export class OutboundProxy {
         s.destroy();
         reject(new KnitError('KNIT_ERR_TIMEOUT', `connect timed out after ${this.o.connectTimeoutMs ?? 5000} ms`));
       }, this.o.connectTimeoutMs ?? 5000);
+      let verified: string | undefined;
+      s.on('session', (ticket: Buffer) => {
+        if (verified && ctx === this.ctx) this.sessions.set(key, { ticket, peer: verified });
+      });
       s.once('error', (e: Error) => {
         clearTimeout(timer);
+        this.sessions.delete(key);
         reject(e);
       });
       s.once('secureConnect', () => {
         clearTimeout(timer);
-        const peer = this.peers.read(s, this.o.trustDomain);
-        if (!peer.ok || peer.id.uri !== this.expected) {
+        const resumed = s.isSessionReused() ? this.sessions.get(key)?.peer : undefined;
+        const peer = resumed ? ({ ok: true, uri: resumed } as const) : this.peers.read(s, this.o.trustDomain);
+        const uri = peer.ok ? ('uri' in peer ? peer.uri : peer.id.uri) : undefined;
+        if (!peer.ok || uri !== this.expected) {
+          this.sessions.delete(key);
           s.destroy();
-          reject(new KnitError('KNIT_ERR_CERT', peer.ok ? `server is ${peer.id.uri}, expected ${this.expected}` : peer.reason));
+          reject(new KnitError('KNIT_ERR_CERT', peer.ok ? `server is ${uri}, expected ${this.expected}` : peer.reason));
           return;
         }
+        verified = uri;
         s.removeAllListeners('error');
         s.on('error', () => undefined);
         resolve(s);
