@@ -38,7 +38,7 @@ const waitOutput = (p: ChildProcess, re: RegExp): Promise<void> =>
   });
 
 function wrk(args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => execFile('wrk', args, { timeout: (seconds + 30) * 1000 }, (e, out) => (e ? reject(e) : resolve(out))));
+  return new Promise((resolve, reject) => execFile('wrk', args, { timeout: (seconds + 30) * 1000 }, (e: Error | null, out: string) => (e ? reject(e) : resolve(out))));
 }
 function parseRate(out: string): number {
   return Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1] ?? NaN);
