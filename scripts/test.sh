@@ -3,6 +3,16 @@
 # node's test runner. Node 20 does not expand globs itself, hence find.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Real parts, not mocks: the ZooKeeper backend is tested against Debian's ZooKeeper.
+if [ ! -f /usr/share/java/zookeeper.jar ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "== installing zookeeper (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper >/dev/null
+  else
+    echo "npm test needs ZooKeeper: run as root (it installs Debian's zookeeper package) or apt-get install zookeeper" >&2
+    exit 1
+  fi
+fi
 echo "== typecheck"; npx tsc --noEmit
 echo "== lint"; npx eslint .
 mapfile -t files < <(find src test -name '*.test.ts' | sort)

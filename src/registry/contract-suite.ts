@@ -13,8 +13,12 @@ import { Recorder, until } from '../../test/helpers/wait.js';
 export interface ContractBackend {
   /** A new, independent client of the same registry. */
   client(): Promise<Registry>;
-  /** Makes a client's owner die without closing (crash, lost session); absent when the backend cannot. */
-  kill?(r: Registry): Promise<void>;
+  /**
+   * Registers `instance` from a separate owner (another process) and
+   * returns a function that kills that owner without a clean close (a
+   * crash). Absent when the backend cannot outlive its owner's process.
+   */
+  spawnOwner?(instance: Instance): Promise<() => Promise<void>>;
   /** Drops every client and the backend's process state, then opens the same registry again. */
   reopen?(): Promise<void>;
   /** How long a killed owner's instances may take to vanish. */
@@ -139,16 +143,33 @@ export function registryContract(name: string, make: () => Promise<ContractBacke
       assert.equal(left[0]!.node, 'node2');
     });
 
-    test('a dead owner\'s instances vanish within the liveness timeout', async (t) => {
-      if (!backend.kill) return t.skip(`${name} cannot kill a client's owner from a test`);
+    test('a crashed owner\'s instances vanish within the liveness timeout', async (t) => {
+      if (!backend.spawnOwner) return t.skip(`${name} keeps instances in the owner's own process: a crash takes the whole registry with it`);
+      const b = await client();
+      const s = svc();
+      const rec = new Recorder<Instance[]>();
+      b.watchService(s, rec.push);
+      const kill = await backend.spawnOwner(inst(s, 1));
+      await rec.next('registered by the other process', (l) => l.length === 1);
+      const seen = rec.values.length;
+      const t0 = Date.now();
+      await kill();
+      await rec.next('vanished', (l) => l.length === 0, backend.livenessTimeoutMs ?? 5000, seen);
+      t.diagnostic(`instances of a SIGKILLed owner vanished after ${Date.now() - t0} ms`);
+    });
+
+    test('an id registered by another client is taken over; closing the old client leaves it', async () => {
       const [a, b] = [await client(), await client()];
       const s = svc();
       await a.register(inst(s, 1));
-      const rec = new Recorder<Instance[]>();
-      b.watchService(s, rec.push);
-      await rec.next('one', (l) => l.length === 1);
-      await backend.kill(a);
-      await rec.next('vanished', (l) => l.length === 0, backend.livenessTimeoutMs ?? 5000);
+      await b.register(inst(s, 1, { port: 30002 }));
+      await a.close();
+      await until('taken over', async () => {
+        const l = await b.instances(s);
+        return l.length === 1 && l[0]!.port === 30002;
+      });
+      await b.setHealth(inst(s, 1).id, 'warning');
+      assert.equal((await b.instances(s))[0]!.health, 'warning');
     });
 
     test('kv: create-only, compare-and-set, conflicts, delete', async () => {

@@ -72,9 +72,11 @@ export interface Registry {
   readonly kind: string;
 
   /**
-   * Registers `instance`, or replaces the one with the same id owned by
-   * this client. Resolves once a new watcher would see it. Does not touch
-   * instances owned by other clients.
+   * Registers `instance`, or replaces the one with the same id. An id held
+   * by another client is taken over (an agent restarted before its old
+   * session lapsed owns its instances again); ids carry the node name, so
+   * only the same node writes the same id. Resolves once a new watcher
+   * would see it.
    */
   register(instance: Instance): Promise<void>;
 

@@ -92,9 +92,6 @@ export class EmbeddedStore {
   /** @internal */
   put(owner: number, instance: Instance): void {
     const prev = this.instances.get(instance.id);
-    if (prev && prev.owner !== owner) {
-      throw new KnitError('KNIT_ERR_BAD_REQUEST', `instance ${instance.id} is registered by another client`);
-    }
     this.instances.set(instance.id, { instance: structuredClone(instance), owner });
     this.notifyService(instance.service);
     if (prev && prev.instance.service !== instance.service) this.notifyService(prev.instance.service);
