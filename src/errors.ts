@@ -17,6 +17,8 @@ export const ERROR_CODES = {
   KNIT_ERR_CA: { retryable: false },
   /** A compare-and-set lost against a concurrent writer. */
   KNIT_ERR_CAS_CONFLICT: { retryable: true },
+  /** The control plane (knit server) could not be reached. */
+  KNIT_ERR_SERVER_UNAVAILABLE: { retryable: true },
   /** The registry could not be reached or answered with an error. */
   KNIT_ERR_REGISTRY_UNAVAILABLE: { retryable: true },
   /** A registry key or instance does not exist. */

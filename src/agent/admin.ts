@@ -8,24 +8,17 @@ import type { Metrics } from '../log/metrics.js';
 import type { Registry, HealthStatus } from '../registry/registry.js';
 import { KnitError } from '../errors.js';
 import type { Route } from '../api/router.js';
+import { registryRoutes } from '../api/registry-routes.js';
 
 const CHECK_STATUS: Record<string, HealthStatus> = { pass: 'passing', warn: 'warning', fail: 'critical' };
 
-/** Routes served by every agent. */
+/** Routes served by every agent (and `knit dev`), including the registry view. */
 export function agentRoutes(agent: Agent, registry: Registry, metrics: Metrics): Route[] {
   return [
+    ...registryRoutes(registry),
     { method: 'GET', path: '/v1/health', handler: () => ({ json: { status: 'ok' } }) },
     { method: 'GET', path: '/metrics', handler: () => ({ text: metrics.render() }) },
     { method: 'GET', path: '/v1/state', handler: () => ({ json: agent.state() }) },
-    {
-      method: 'GET',
-      path: '/v1/services',
-      handler: async () => {
-        const services = await registry.listServices();
-        const out = await Promise.all(services.map(async (s) => ({ ...s, instances: await registry.instances(s.name) })));
-        return { json: out };
-      },
-    },
     {
       method: 'PUT',
       path: '/v1/agent/check/:kind/:id',

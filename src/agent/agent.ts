@@ -108,7 +108,9 @@ class ServiceRuntime {
     await a.registry.register(this.instance());
     // 3. Identity.
     this.leaf = new LeafManager({
-      id: this.spiffe, service: def.name, signer: a.signer, log,
+      id: this.spiffe, service: def.name, log,
+      sign: (csr) => a.signer.signService(def.name, csr),
+      trustBundle: () => a.signer.trustBundle(),
       onRenewed: (t) => {
         this.inbound?.setTls(t);
         for (const o of this.outbound) o.setTls(t);

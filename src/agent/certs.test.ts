@@ -36,7 +36,7 @@ test('a leaf manager issues with an agent-made key, refuses a wrong leaf, and re
     trustBundle: async () => [ca.rootPem],
   };
   const renewed: string[] = [];
-  const m = new LeafManager({ id, service: 'web', signer, log: silentLogger(), onRenewed: (t) => renewed.push(t.certChainPem) });
+  const m = new LeafManager({ id, service: 'web', sign: (csr) => signer.signService('web', csr), trustBundle: () => signer.trustBundle(), log: silentLogger(), onRenewed: (t) => renewed.push(t.certChainPem) });
   const first = await m.start();
   assert.deepEqual(certInfo(first.certChainPem).uris, [id.uri]);
   assert.deepEqual(first.trustBundlePem, [ca.rootPem]);
@@ -46,6 +46,6 @@ test('a leaf manager issues with an agent-made key, refuses a wrong leaf, and re
 
   // A control plane that returns a leaf for another identity is refused.
   const wrong: CertSigner = { signService: async () => ca.signCsr((await createCsr(serviceId('t.knit', 'db'))).csrPem, serviceId('t.knit', 'db')), trustBundle: async () => [ca.rootPem] };
-  const bad = new LeafManager({ id, service: 'web', signer: wrong, log: silentLogger(), onRenewed: () => undefined });
+  const bad = new LeafManager({ id, service: 'web', sign: (csr) => wrong.signService('web', csr), trustBundle: () => wrong.trustBundle(), log: silentLogger(), onRenewed: () => undefined });
   await assert.rejects(bad.start(), (e: unknown) => isKnitError(e, 'KNIT_ERR_CERT') && /names spiffe:\/\/t\.knit\/ns\/default\/svc\/db/.test(e.message));
 });

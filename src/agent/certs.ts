@@ -35,8 +35,15 @@ export function retryDelay(attempt: number, msLeft: number): number {
 
 export interface LeafManagerOptions {
   id: SpiffeId;
+  /** Name for logs: the service, or `agent`. */
   service: string;
-  signer: CertSigner;
+  /** Gets a CSR signed: a service leaf from the control plane, or the agent's own renewal. */
+  sign: (csrPem: string) => Promise<SignedLeaf>;
+  trustBundle: () => Promise<string[]>;
+  /** Stores new material (the agent's identity survives restarts); absent for in-memory leaves. */
+  persist?: (t: ServiceTls) => Promise<void>;
+  /** Material issued earlier and still valid: used instead of a first issuance. */
+  initial?: ServiceTls;
   log: Logger;
   /** Called with new material after every renewal. */
   onRenewed: (t: ServiceTls) => void;
@@ -64,10 +71,18 @@ export class LeafManager {
     return this.notAfter;
   }
 
-  /** Issues the first leaf (rejects if it cannot) and schedules renewals. */
+  /** Issues the first leaf (or adopts `initial`; rejects if it cannot) and schedules renewals. */
   async start(): Promise<ServiceTls> {
-    const t = await this.issue();
+    const t = this.o.initial ? this.adopt(this.o.initial) : await this.issue();
     this.schedule();
+    return t;
+  }
+
+  private adopt(t: ServiceTls): ServiceTls {
+    const info = validateLeaf(t.certChainPem, this.o.id, (this.o.now ?? (() => new Date()))());
+    this.material = t;
+    this.notBefore = info.notBefore;
+    this.notAfter = info.notAfter;
     return t;
   }
 
@@ -75,10 +90,12 @@ export class LeafManager {
   async issue(): Promise<ServiceTls> {
     const now = (this.o.now ?? (() => new Date()))();
     const { keyPem, csrPem } = await createCsr(this.o.id);
-    const signed = await this.o.signer.signService(this.o.service, csrPem);
+    const signed = await this.o.sign(csrPem);
     const info = validateLeaf(signed.certPem, this.o.id, now);
-    const bundle = await this.o.signer.trustBundle();
-    this.material = { certChainPem: [signed.certPem, ...signed.chainPem].join('\n'), keyPem, trustBundlePem: bundle };
+    const bundle = await this.o.trustBundle();
+    const material = { certChainPem: [signed.certPem, ...signed.chainPem].join('\n'), keyPem, trustBundlePem: bundle };
+    await this.o.persist?.(material);
+    this.material = material;
     this.notAfter = info.notAfter;
     this.notBefore = info.notBefore;
     this.o.log.info({ event: EVENTS.certIssued, service: this.o.service, id: this.o.id.uri, serial: info.serial, notAfter: info.notAfter.toISOString() }, `certificate for ${this.o.service} valid until ${info.notAfter.toISOString()}`);

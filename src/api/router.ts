@@ -4,12 +4,21 @@
  * decides 400/403/404/409/503/504.
  */
 import http from 'node:http';
+import https from 'node:https';
+import type { SecureContextOptions } from 'node:tls';
 import { once } from 'node:events';
 import { KnitError, ConfigError, type KnitErrorCode } from '../errors.js';
 import type { Logger } from '../log/logger.js';
 
+/** Who is calling, as the edge established it. */
+export type Caller = { kind: 'operator' } | { kind: 'agent'; node: string } | { kind: 'anonymous' };
+
+/** Who may call a route. */
+export type Access = 'public' | 'agent' | 'operator' | 'agent-or-operator';
+
 /** A request as handlers see it. */
 export interface ApiRequest {
+  caller: Caller;
   method: string;
   path: string;
   params: Record<string, string>;
@@ -24,8 +33,26 @@ export interface Route {
   method: 'GET' | 'PUT' | 'POST' | 'DELETE';
   /** `/v1/agent/check/:kind/:id` style; `:name` captures one segment. */
   path: string;
+  /** Default `operator`: a route is closed unless it says otherwise. */
+  access?: Access;
   handler: (req: ApiRequest) => Promise<ApiResponse> | ApiResponse;
 }
+
+function allowed(access: Access, c: Caller): boolean {
+  switch (access) {
+    case 'public':
+      return true;
+    case 'agent':
+      return c.kind === 'agent';
+    case 'operator':
+      return c.kind === 'operator';
+    case 'agent-or-operator':
+      return c.kind !== 'anonymous';
+  }
+}
+
+/** How a listener identifies callers. */
+export type Authenticate = (req: http.IncomingMessage) => Caller;
 
 const STATUS: Partial<Record<KnitErrorCode, number>> = {
   KNIT_ERR_BAD_REQUEST: 400,
@@ -38,6 +65,7 @@ const STATUS: Partial<Record<KnitErrorCode, number>> = {
   KNIT_ERR_NOT_FOUND: 404,
   KNIT_ERR_CAS_CONFLICT: 409,
   KNIT_ERR_REGISTRY_UNAVAILABLE: 503,
+  KNIT_ERR_SERVER_UNAVAILABLE: 503,
   KNIT_ERR_NO_ENDPOINT: 503,
   KNIT_ERR_TIMEOUT: 504,
 };
@@ -76,7 +104,7 @@ async function readBody(req: http.IncomingMessage): Promise<unknown> {
 }
 
 /** Builds the request listener for a set of routes. */
-export function router(routes: Route[], log: Logger): http.RequestListener {
+export function router(routes: Route[], log: Logger, authenticate: Authenticate): http.RequestListener {
   const table = routes.map((r) => ({ ...r, ...compile(r.path) }));
   return (req, res) => {
     // A client that resets mid-body must not become an uncaught error.
@@ -93,10 +121,14 @@ export function router(routes: Route[], log: Logger): http.RequestListener {
           if (matches.length) throw Object.assign(new KnitError('KNIT_ERR_BAD_REQUEST', `${req.method} not allowed on ${url.pathname}`), { status: 405 });
           throw new KnitError('KNIT_ERR_NOT_FOUND', `no such endpoint ${url.pathname}`);
         }
+        const caller = authenticate(req);
+        if (!allowed(route.access ?? 'operator', caller)) {
+          throw new KnitError('KNIT_ERR_UNAUTHORIZED', `${req.method} ${url.pathname} needs ${route.access === 'agent' ? 'an agent certificate' : route.access === 'agent-or-operator' ? 'an agent certificate or the operator token' : 'the operator token'}`);
+        }
         const m = route.re.exec(url.pathname)!;
         const params = Object.fromEntries(route.names.map((n, i) => [n, decodeURIComponent(m[i + 1]!)]));
         const body = req.method === 'GET' ? undefined : await readBody(req);
-        const out = await route.handler({ method: req.method ?? 'GET', path: url.pathname, params, query: url.searchParams, body });
+        const out = await route.handler({ caller, method: req.method ?? 'GET', path: url.pathname, params, query: url.searchParams, body });
         status = out.status ?? 200;
         if (out.text !== undefined) {
           payload = out.text;
@@ -116,9 +148,17 @@ export function router(routes: Route[], log: Logger): http.RequestListener {
   };
 }
 
-/** Starts an HTTP server for routes on host:port; resolves with the bound port. */
-export async function listenApi(routes: Route[], host: string, port: number, log: Logger): Promise<{ server: http.Server; port: number }> {
-  const server = http.createServer(router(routes, log));
+export interface ListenOptions {
+  /** Serve HTTPS with this material, asking (not requiring) a client certificate. */
+  tls?: SecureContextOptions;
+  /** Default: every caller is the operator, which only a loopback-only listener may use. */
+  authenticate?: Authenticate;
+}
+
+/** Starts an HTTP(S) server for routes on host:port; resolves with the bound port. */
+export async function listenApi(routes: Route[], host: string, port: number, log: Logger, opts: ListenOptions = {}): Promise<{ server: http.Server | https.Server; port: number }> {
+  const listener = router(routes, log, opts.authenticate ?? (() => ({ kind: 'operator' })));
+  const server = opts.tls ? https.createServer({ ...opts.tls, requestCert: true, rejectUnauthorized: false }, listener) : http.createServer(listener);
   // Slow-loris bound for a loopback API.
   server.headersTimeout = 10_000;
   server.requestTimeout = 30_000;

@@ -5,19 +5,30 @@
 import { Command, Option } from 'commander';
 import { resolve } from 'node:path';
 import { startDev } from '../app/dev.js';
+import { startServer } from '../app/server.js';
+import { startAgent } from '../app/agent.js';
+import { loadAgentConfig, loadServerConfig } from '../config/node-config.js';
 import { createLogger } from '../log/logger.js';
 import { logLevel, devDataDir } from '../config/env.js';
 import { readIntentionsFile } from '../config/intentions-file.js';
 import { ConfigError, KnitError, formatProblem } from '../errors.js';
 import type { ServiceSummary, Instance } from '../registry/registry.js';
 import type { ServiceState } from '../agent/agent.js';
-import { api, CliError } from './client.js';
+import { api, CliError, type ApiOptions } from './client.js';
 import { validate, printValidate } from './validate.js';
 
 const program = new Command();
 program.name('knit').description('A service mesh for mixed fleets of VMs, bare metal, containers and Kubernetes').version('0.1.0');
 
 const adminOpt = (): Option => new Option('--admin <url>', 'admin API of the local knit (default $KNIT_ADMIN_ADDR or http://127.0.0.1:7701)');
+/** Options of commands that may go to the control plane instead of the local admin API. */
+function withServer(c: Command): Command {
+  return c
+    .addOption(adminOpt())
+    .addOption(new Option('--server <url>', 'the control plane, e.g. https://cp:7700 (default $KNIT_SERVER; without it: the local admin API)'))
+    .addOption(new Option('--token-file <file>', 'operator token for --server (default $KNIT_TOKEN_FILE or /var/lib/knit/operator.token)'))
+    .addOption(new Option('--ca-file <file>', 'CA root for --server (default $KNIT_CA_FILE or /var/lib/knit/ca/root.pem)'));
+}
 const jsonOpt = (): Option => new Option('--json', 'print JSON');
 
 /** Parses `host:port`, allowing only loopback hosts for admin APIs. */
@@ -55,11 +66,7 @@ program
         inboundPortBase: o.inboundPortBase, trustDomain: o.trustDomain, initialDefault: 'allow', log,
       });
     } catch (e) {
-      if (e instanceof ConfigError) {
-        for (const p of e.problems) console.error(formatProblem(p));
-        throw new CliError(`refusing to start: ${e.problems.length} problem(s) in the service files of ${o.configDir}`);
-      }
-      throw e;
+      configFailure(e, `the service files of ${o.configDir}`);
     }
     for (const w of dev.warnings) console.error(`warning: ${formatProblem(w)}`);
     const out = [
@@ -75,20 +82,78 @@ program
       'knit dev ready',
     ];
     console.log(out.join('\n'));
+    // Drain bound: in-flight requests get five seconds, then connections are reset.
+    lifecycle(() => dev.stop(5000), () => dev.reload());
+  });
+
+/** Prints every problem of a config error and turns it into a one-line failure. */
+function configFailure(e: unknown, what: string): never {
+  if (e instanceof ConfigError) {
+    for (const p of e.problems) console.error(formatProblem(p));
+    throw new CliError(`refusing to start: ${e.problems.length} problem(s) in ${what}`);
+  }
+  throw e;
+}
+
+/** SIGHUP reloads, SIGTERM/SIGINT stop with a drain, then exit 0. */
+function lifecycle(stop: () => Promise<void>, reload?: () => Promise<{ ok: boolean; problems: Parameters<typeof formatProblem>[0][] }>): void {
+  if (reload) {
     process.on('SIGHUP', () => {
-      void dev.reload().then((r) => {
+      void reload().then((r) => {
         if (!r.ok) console.error(`reload refused, running services kept:\n${r.problems.map(formatProblem).join('\n')}`);
       });
     });
-    let stopping = false;
-    const stop = (): void => {
-      if (stopping) return;
-      stopping = true;
-      // Drain bound: in-flight requests get five seconds, then connections are reset.
-      void dev.stop(5000).then(() => process.exit(0));
-    };
-    process.on('SIGTERM', stop);
-    process.on('SIGINT', stop);
+  }
+  let stopping = false;
+  const onStop = (): void => {
+    if (stopping) return;
+    stopping = true;
+    void stop().then(() => process.exit(0));
+  };
+  process.on('SIGTERM', onStop);
+  process.on('SIGINT', onStop);
+}
+
+program
+  .command('server')
+  .description('control plane: CA, intentions, agent enrolment (HTTPS API, default :7700)')
+  .option('--config <file>', 'server config', '/etc/knit/server.yaml')
+  .action(async (o: { config: string }) => {
+    const cfg = await loadServerConfig(o.config).catch((e: unknown) => configFailure(e, o.config));
+    const log = createLogger({ level: cfg.logLevel });
+    const s = await startServer(cfg, log);
+    console.log(
+      [
+        `knit server: trust domain ${s.trustDomain} (${s.caCreated ? 'new CA' : 'CA'} in ${cfg.dataDir}/ca)`,
+        `knit server: default intention is ${cfg.defaultIntention}`,
+        `knit server: API https://${cfg.listenHost}:${s.port} (operator token in ${s.operatorTokenFile})`,
+        'knit server ready',
+      ].join('\n'),
+    );
+    lifecycle(() => s.stop());
+  });
+
+program
+  .command('agent')
+  .description('the host agent: services, health checks, certificates, proxies')
+  .option('--config <file>', 'agent config', '/etc/knit/agent.yaml')
+  .action(async (o: { config: string }) => {
+    const cfg = await loadAgentConfig(o.config).catch((e: unknown) => configFailure(e, o.config));
+    const log = createLogger({ level: cfg.logLevel });
+    log.info(`waiting for the control plane at ${cfg.server} and the registry`);
+    const a = await startAgent(cfg, log).catch((e: unknown) => configFailure(e, `${cfg.servicesDir} or ${cfg.joinTokenFile}`));
+    console.log(`knit agent ${a.node}: ${a.enrolled ? 'enrolled' : 'identity loaded'} in trust domain ${a.trustDomain}; admin API http://${cfg.adminHost}:${a.adminPort}\nknit agent ready`);
+    lifecycle(() => a.stop(cfg.drainMs), () => a.reload());
+  });
+
+const token = program.command('token').description('join tokens for enrolling agents');
+withServer(token.command('create'))
+  .description('a single-use, expiring join token (give it to one agent in its join_token_file)')
+  .option('--ttl <duration>', 'how long the token stays valid', '1h')
+  .addOption(jsonOpt())
+  .action(async (o: ApiOptions & { ttl: string; json?: boolean }) => {
+    const t = await api<{ token: string; expiresAt: string }>(o, 'POST', '/v1/tokens', { ttl: o.ttl });
+    console.log(o.json ? JSON.stringify(t) : t.token);
   });
 
 program
@@ -100,13 +165,11 @@ program
     process.exitCode = printValidate(await validate(target), !!o.json);
   });
 
-program
-  .command('services')
+withServer(program.command('services'))
   .description('services and their healthy instances as the registry sees them')
   .option('--watch', 'print again whenever something changes')
-  .addOption(adminOpt())
   .addOption(jsonOpt())
-  .action(async (o: { watch?: boolean; admin?: string; json?: boolean }) => {
+  .action(async (o: ApiOptions & { watch?: boolean; json?: boolean }) => {
     let last = '';
     for (;;) {
       const list = await api<Array<Omit<ServiceSummary, 'instances'> & { instances: Instance[] }>>(o, 'GET', '/v1/services');
@@ -136,42 +199,34 @@ const printIntentions = (v: IntentionsView, json?: boolean): void => {
 
 const intention = program.command('intention').description('manage intentions (allow/deny between services)');
 for (const act of ['allow', 'deny'] as const) {
-  intention
-    .command(act)
+  withServer(intention.command(act))
     .description(`${act} connections from SRC to DST (either may be "*")`)
     .argument('<src>')
     .argument('<dst>')
-    .addOption(adminOpt())
     .addOption(jsonOpt())
-    .action(async (source: string, destination: string, o: { admin?: string; json?: boolean }) => {
+    .action(async (source: string, destination: string, o: ApiOptions & { json?: boolean }) => {
       await api(o, 'PUT', '/v1/intentions', { source, destination, action: act });
       if (o.json) console.log(JSON.stringify({ source, destination, action: act }));
       else console.log(`${source} -> ${destination}: ${act}`);
     });
 }
-intention
-  .command('delete')
+withServer(intention.command('delete'))
   .description('delete the intention from SRC to DST')
   .argument('<src>')
   .argument('<dst>')
-  .addOption(adminOpt())
-  .action(async (source: string, destination: string, o: { admin?: string }) => {
+  .action(async (source: string, destination: string, o: ApiOptions) => {
     await api(o, 'DELETE', `/v1/intentions?source=${encodeURIComponent(source)}&destination=${encodeURIComponent(destination)}`);
     console.log(`deleted ${source} -> ${destination}`);
   });
-intention
-  .command('list')
+withServer(intention.command('list'))
   .description('list intentions by precedence, and the default')
-  .addOption(adminOpt())
   .addOption(jsonOpt())
-  .action(async (o: { admin?: string; json?: boolean }) => printIntentions(await api<IntentionsView>(o, 'GET', '/v1/intentions'), o.json));
-intention
-  .command('apply')
+  .action(async (o: ApiOptions & { json?: boolean }) => printIntentions(await api<IntentionsView>(o, 'GET', '/v1/intentions'), o.json));
+withServer(intention.command('apply'))
   .description('replace all intentions with those of a file (and its default, if it sets one)')
   .requiredOption('-f, --file <file>', 'intentions file (YAML or JSON)')
-  .addOption(adminOpt())
   .addOption(jsonOpt())
-  .action(async (o: { file: string; admin?: string; json?: boolean }) => {
+  .action(async (o: ApiOptions & { file: string; json?: boolean }) => {
     let f;
     try {
       f = await readIntentionsFile(o.file);
@@ -186,25 +241,22 @@ intention
     if (!o.json) console.log(`applied ${f.intentions.length} intention(s) from ${o.file}`);
     printIntentions(v, o.json);
   });
-intention
-  .command('check')
+withServer(intention.command('check'))
   .description('the decision for SRC -> DST and the rule (or default) behind it')
   .argument('<src>')
   .argument('<dst>')
-  .addOption(adminOpt())
   .addOption(jsonOpt())
-  .action(async (source: string, destination: string, o: { admin?: string; json?: boolean }) => {
+  .action(async (source: string, destination: string, o: ApiOptions & { json?: boolean }) => {
     const d = await api<{ allow: boolean; rule: string }>(o, 'GET', `/v1/intentions/check?source=${encodeURIComponent(source)}&destination=${encodeURIComponent(destination)}`);
     if (o.json) console.log(JSON.stringify({ source, destination, ...d }));
     else console.log(`${d.allow ? 'allowed' : 'denied'}: ${source} -> ${destination} by ${d.rule}`);
   });
 
 const ca = program.command('ca').description('the certificate authority');
-ca.command('roots')
+withServer(ca.command('roots'))
   .description('print the trust bundle (PEM)')
-  .addOption(adminOpt())
   .addOption(jsonOpt())
-  .action(async (o: { admin?: string; json?: boolean }) => {
+  .action(async (o: ApiOptions & { json?: boolean }) => {
     const r = await api<{ trustDomain: string; roots: string[] }>(o, 'GET', '/v1/ca/roots');
     console.log(o.json ? JSON.stringify(r, null, 1) : r.roots.join('\n').trim());
   });
@@ -214,7 +266,7 @@ program
   .description('diagnostics to run when something is wrong')
   .addOption(adminOpt())
   .addOption(jsonOpt())
-  .action(async (o: { admin?: string; json?: boolean }) => {
+  .action(async (o: ApiOptions & { json?: boolean }) => {
     const findings: Array<{ level: 'ok' | 'warn' | 'error'; what: string }> = [];
     const state = await api<{ node: string; trustDomain: string; services: ServiceState[] }>(o, 'GET', '/v1/state');
     findings.push({ level: 'ok', what: `agent ${state.node} in trust domain ${state.trustDomain}, ${state.services.length} service(s)` });

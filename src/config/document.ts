@@ -6,7 +6,11 @@
  * JSON.parse would silently drop.
  */
 import { parseDocument, LineCounter, isMap, isNode, isPair, isScalar, type Document, type Node } from 'yaml';
+import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import type { FileProblem } from '../errors.js';
+
+/** The one schema compiler for knit's files (verbose: errors carry their schema, for messages). */
+export const ajv = new Ajv({ allErrors: true, strict: false, verbose: true });
 
 /** A parsed file that can say where a field is. */
 export interface LocatedDocument {
@@ -91,6 +95,51 @@ export function splitPointer(pointer: string, value: unknown): Array<string | nu
     const idx = Array.isArray(cur) && /^\d+$/.test(seg) ? Number(seg) : seg;
     out.push(idx);
     cur = cur !== null && typeof cur === 'object' ? (cur as Record<string | number, unknown>)[idx] : undefined;
+  }
+  return out;
+}
+
+function describeAjv(e: ErrorObject): { extraKey?: string; message: string } {
+  switch (e.keyword) {
+    case 'additionalProperties': {
+      const key = (e.params as { additionalProperty: string }).additionalProperty;
+      return { extraKey: key, message: `unknown field "${key}"` };
+    }
+    case 'required':
+      return { message: `missing required field "${(e.params as { missingProperty: string }).missingProperty}"` };
+    case 'type':
+      return { message: `must be ${(e.params as { type: string }).type}` };
+    case 'minimum':
+    case 'maximum': {
+      const { limit } = e.params as { limit: number };
+      // Every bounded integer in knit's files is a port except where the schema says otherwise.
+      return { message: e.parentSchema && (e.parentSchema as { maximum?: number }).maximum === 65535 ? 'must be an integer from 1 to 65535 (port out of range)' : `must be ${e.keyword === 'minimum' ? '>=' : '<='} ${limit}` };
+    }
+    case 'enum':
+      return { message: `must be ${(e.params as { allowedValues: unknown[] }).allowedValues.map((v) => JSON.stringify(v)).join(' or ')}` };
+    case 'minProperties':
+    case 'maxProperties':
+      return e.instancePath === '' ? { message: 'a service file holds exactly one of "service" or "services"' } : { message: `at most 64 meta pairs` };
+    default:
+      return { message: e.message ?? e.keyword };
+  }
+}
+
+/** Problems a compiled schema finds in a document, one per distinct field and message, located. */
+export function schemaProblems(doc: LocatedDocument, validate: ValidateFunction): FileProblem[] {
+  if (validate(doc.value)) return [];
+  const seen = new Set<string>();
+  const out: FileProblem[] = [];
+  for (const e of validate.errors ?? []) {
+    const path = splitPointer(e.instancePath, doc.value);
+    const { extraKey, message } = describeAjv(e);
+    const full = extraKey !== undefined ? [...path, extraKey] : path;
+    const field = fieldPath(full) || '(top level)';
+    const k = `${field}\u0000${message}`;
+    if (seen.has(k)) continue;
+    seen.add(k);
+    const line = extraKey !== undefined ? doc.lineOfKey(path, extraKey) : doc.lineOf(path);
+    out.push({ file: doc.file, line, field, message });
   }
   return out;
 }

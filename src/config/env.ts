@@ -24,3 +24,18 @@ export function devDataDir(): string {
 export function defaultNodeName(): string {
   return hostname().replace(/[^A-Za-z0-9._-]/g, '-') || 'node';
 }
+
+/** `KNIT_SERVER`: the control plane CLI commands talk to instead of the local admin API. */
+export function serverAddress(): string | undefined {
+  return process.env.KNIT_SERVER || undefined;
+}
+
+/** `KNIT_TOKEN_FILE`: the operator token (default: the server's data dir). */
+export function operatorTokenFile(): string {
+  return process.env.KNIT_TOKEN_FILE ?? '/var/lib/knit/operator.token';
+}
+
+/** `KNIT_CA_FILE`: the root a CLI trusts for the control plane (default: the server's data dir). */
+export function caFile(): string {
+  return process.env.KNIT_CA_FILE ?? '/var/lib/knit/ca/root.pem';
+}

@@ -10,9 +10,8 @@
  * problem applies nothing.
  */
 import { readFile } from 'node:fs/promises';
-import { Ajv } from 'ajv';
 import { ConfigError, type FileProblem } from '../errors.js';
-import { parseLocated, fieldPath, splitPointer } from './document.js';
+import { ajv, parseLocated, fieldPath, schemaProblems } from './document.js';
 import { validateSide, type Action, type Intention, type IntentionSet } from '../policy/intentions.js';
 
 const schema = {
@@ -38,7 +37,7 @@ const schema = {
   },
 } as const;
 
-const validate = new Ajv({ allErrors: true, strict: false }).compile(schema);
+const validate = ajv.compile(schema);
 
 /** A parsed intentions file; `defaultAction` is absent when the file does not set it. */
 export interface IntentionsFile {
@@ -51,18 +50,8 @@ export function parseIntentionsFile(file: string, text: string): IntentionsFile 
   const { doc, problems } = parseLocated(file, text);
   if (!doc) throw new ConfigError(problems);
   const out: FileProblem[] = [];
-  if (!validate(doc.value)) {
-    for (const e of validate.errors ?? []) {
-      const path = splitPointer(e.instancePath, doc.value);
-      const extra = e.keyword === 'additionalProperties' ? (e.params as { additionalProperty: string }).additionalProperty : undefined;
-      const full = extra !== undefined ? [...path, extra] : path;
-      let message = e.message ?? e.keyword;
-      if (extra !== undefined) message = `unknown field "${extra}"`;
-      else if (e.keyword === 'enum') message = 'must be "allow" or "deny"';
-      out.push({ file, line: extra !== undefined ? doc.lineOfKey(path, extra) : doc.lineOf(path), field: fieldPath(full) || '(top level)', message });
-    }
-    throw new ConfigError(out);
-  }
+  const schema = schemaProblems(doc, validate);
+  if (schema.length) throw new ConfigError(schema);
   const value = doc.value as { default?: Action; intentions: Intention[] };
   const seen = new Map<string, number>();
   value.intentions.forEach((i, n) => {

@@ -12,9 +12,8 @@
  */
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Ajv, type ErrorObject } from 'ajv';
 import { ConfigError, type FileProblem } from '../errors.js';
-import { parseLocated, fieldPath, splitPointer, type LocatedDocument } from './document.js';
+import { ajv, parseLocated, fieldPath, schemaProblems, type LocatedDocument } from './document.js';
 import { parseDuration } from './duration.js';
 import { validateSegment } from '../identity/spiffe.js';
 
@@ -169,52 +168,9 @@ const fileSchema = {
   maxProperties: 1,
 } as const;
 
-const ajv = new Ajv({ allErrors: true, strict: false });
 const validateFile = ajv.compile(fileSchema);
 
 type Raw = Record<string, unknown>;
-
-function describeAjv(e: ErrorObject): { extraKey?: string; message: string } {
-  switch (e.keyword) {
-    case 'additionalProperties': {
-      const key = (e.params as { additionalProperty: string }).additionalProperty;
-      return { extraKey: key, message: `unknown field "${key}"` };
-    }
-    case 'required':
-      return { message: `missing required field "${(e.params as { missingProperty: string }).missingProperty}"` };
-    case 'type':
-      return { message: `must be ${(e.params as { type: string }).type}` };
-    case 'minimum':
-    case 'maximum':
-      return { message: `must be an integer from 1 to 65535 (port out of range)` };
-    case 'enum':
-      return { message: `must be one of ${(e.params as { allowedValues: unknown[] }).allowedValues.map((v) => JSON.stringify(v)).join(', ')}` };
-    case 'minProperties':
-    case 'maxProperties':
-      return e.instancePath === '' ? { message: 'a service file holds exactly one of "service" or "services"' } : { message: `at most 64 meta pairs` };
-    default:
-      return { message: e.message ?? e.keyword };
-  }
-}
-
-/** Problems from the schema, one per distinct field, located. */
-function schemaProblems(doc: LocatedDocument): FileProblem[] {
-  if (validateFile(doc.value)) return [];
-  const seen = new Set<string>();
-  const out: FileProblem[] = [];
-  for (const e of validateFile.errors ?? []) {
-    const path = splitPointer(e.instancePath, doc.value);
-    const { extraKey, message } = describeAjv(e);
-    const full = extraKey !== undefined ? [...path, extraKey] : path;
-    const field = fieldPath(full) || '(top level)';
-    const k = `${field}\u0000${message}`;
-    if (seen.has(k)) continue;
-    seen.add(k);
-    const line = extraKey !== undefined ? doc.lineOfKey(path, extraKey) : doc.lineOf(path);
-    out.push({ file: doc.file, line, field, message });
-  }
-  return out;
-}
 
 interface Ctx {
   doc: LocatedDocument;
@@ -383,7 +339,7 @@ export function parseServiceFile(file: string, text: string): LoadResult & { loc
   const { doc, problems } = parseLocated(file, text);
   const result = { services: [] as ServiceDefinition[], problems, warnings: [] as FileProblem[], files: [file], located: [] as Array<Located<ServiceDefinition>>, upstreamsAt: [] as Array<Located<Upstream>> };
   if (!doc) return result;
-  const schema = schemaProblems(doc);
+  const schema = schemaProblems(doc, validateFile);
   if (schema.length) {
     result.problems.push(...schema);
     return result;

@@ -9,6 +9,7 @@
  * clamped to the root's expiry.
  */
 import { randomBytes } from 'node:crypto';
+import { isIP } from 'node:net';
 import { KnitError } from '../errors.js';
 import { trustDomainId, type SpiffeId } from './spiffe.js';
 import { x509, generateKeyPair, importKeyPair, certInfo, SIGN_ALG, EKU, type KeyPair, type CertInfo } from './x509.js';
@@ -100,7 +101,7 @@ export class CertificateAuthority {
    * than one URI SAN, or an ID from another trust domain. The leaf is
    * clamped to the root's expiry.
    */
-  async signCsr(csrPem: string, id: SpiffeId, opts: { ttlMs?: number; now?: Date } = {}): Promise<SignedLeaf> {
+  async signCsr(csrPem: string, id: SpiffeId, opts: { ttlMs?: number; now?: Date; extraNames?: string[] } = {}): Promise<SignedLeaf> {
     const now = opts.now ?? new Date();
     const ttl = opts.ttlMs ?? DEFAULT_LEAF_TTL_MS;
     if (ttl < MIN_LEAF_TTL_MS) throw new KnitError('KNIT_ERR_CA', `leaf TTL ${ttl} ms is below the minimum of ${MIN_LEAF_TTL_MS} ms`);
@@ -137,13 +138,38 @@ export class CertificateAuthority {
         new x509.BasicConstraintsExtension(false, undefined, true),
         new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
         new x509.ExtendedKeyUsageExtension([EKU.serverAuth, EKU.clientAuth], false),
-        new x509.SubjectAlternativeNameExtension([{ type: 'url', value: id.uri }], true),
+        new x509.SubjectAlternativeNameExtension(
+          [
+            { type: 'url', value: id.uri },
+            // Only for the control plane's own HTTPS certificate (issueServerCert); never from a CSR.
+            ...(opts.extraNames ?? []).map((n) => (isIP(n) ? { type: 'ip' as const, value: n } : { type: 'dns' as const, value: n })),
+          ],
+          true,
+        ),
         await x509.SubjectKeyIdentifierExtension.create(publicKey),
         await x509.AuthorityKeyIdentifierExtension.create(this.key.keys.publicKey),
       ],
     });
     return { certPem: leaf.toString('pem'), chainPem: [], notAfter };
   }
+}
+
+/** A control-plane server's own certificate and key, made on the server. */
+export interface ServerCert {
+  certPem: string;
+  keyPem: string;
+  notAfter: Date;
+}
+
+/**
+ * Issues the HTTPS certificate of a control-plane server: its SPIFFE ID as
+ * the one URI SAN, plus DNS and IP SANs for the names clients dial.
+ * The key is made here, on the server, and never sent anywhere.
+ */
+export async function issueServerCert(ca: CertificateAuthority, id: SpiffeId, names: string[], ttlMs = DEFAULT_LEAF_TTL_MS): Promise<ServerCert> {
+  const { keyPem, csrPem } = await createCsr(id);
+  const leaf = await ca.signCsr(csrPem, id, { ttlMs, extraNames: names });
+  return { certPem: leaf.certPem, keyPem, notAfter: leaf.notAfter };
 }
 
 /** Makes an agent-side key and a CSR for `id`; the private key never leaves the caller. */

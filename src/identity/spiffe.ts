@@ -4,7 +4,8 @@
  * no port or userinfo; path segments `[a-zA-Z0-9._-]`, none empty, `.` or
  * `..`, no trailing slash, no percent-encoding, no query or fragment; the
  * whole ID at most 2048 bytes), plus knit's two shapes:
- * `/ns/<namespace>/svc/<service>` for services and `/agent/<node>` for agents.
+ * `/ns/<namespace>/svc/<service>` for services, `/agent/<node>` for agents and
+ * `/server/<name>` for control-plane servers.
  */
 import { KnitError } from '../errors.js';
 
@@ -19,6 +20,7 @@ const PREFIX = 'spiffe://';
 export type SpiffeKind =
   | { kind: 'service'; namespace: string; service: string }
   | { kind: 'agent'; node: string }
+  | { kind: 'server'; name: string }
   | { kind: 'other' };
 
 /** A validated SPIFFE ID. Build with `parseSpiffeId`, `serviceId` or `agentId`. */
@@ -58,6 +60,7 @@ function classify(segments: string[]): SpiffeKind {
     return { kind: 'service', namespace: segments[1]!, service: segments[3]! };
   }
   if (segments.length === 2 && segments[0] === 'agent') return { kind: 'agent', node: segments[1]! };
+  if (segments.length === 2 && segments[0] === 'server') return { kind: 'server', name: segments[1]! };
   return { kind: 'other' };
 }
 
@@ -92,6 +95,12 @@ export function serviceId(trustDomain: string, service: string, namespace = 'def
 export function agentId(trustDomain: string, node: string): SpiffeId {
   validateSegment(node, 'node name');
   return parseSpiffeId(`${PREFIX}${trustDomain}/agent/${node}`);
+}
+
+/** The ID of a control-plane server: `spiffe://<td>/server/<name>`. */
+export function serverId(trustDomain: string, name: string): SpiffeId {
+  validateSegment(name, 'server name');
+  return parseSpiffeId(`${PREFIX}${trustDomain}/server/${name}`);
 }
 
 /** The trust domain's own ID, used for signing certificates. */

@@ -20,8 +20,8 @@ export function controlPlaneRoutes(cp: ControlPlane): Route[] {
     return { default: s.defaultAction, intentions: sorted(s), version };
   };
   return [
-    { method: 'GET', path: '/v1/ca/roots', handler: () => ({ json: { trustDomain: cp.trustDomain, roots: cp.trustBundle() } }) },
-    { method: 'GET', path: '/v1/intentions', handler: async () => ({ json: await view() }) },
+    { method: 'GET', path: '/v1/ca/roots', access: 'public', handler: () => ({ json: { trustDomain: cp.trustDomain, roots: cp.trustBundle() } }) },
+    { method: 'GET', path: '/v1/intentions', access: 'agent-or-operator', handler: async () => ({ json: await view() }) },
     {
       method: 'PUT',
       path: '/v1/intentions',
@@ -67,6 +67,7 @@ export function controlPlaneRoutes(cp: ControlPlane): Route[] {
     {
       method: 'GET',
       path: '/v1/intentions/check',
+      access: 'agent-or-operator',
       handler: async (req) => {
         const { set } = await cp.intentions.read();
         const d = compile(set ?? { defaultAction: 'deny', intentions: [] }).evaluate(field(req.query, 'source'), field(req.query, 'destination'));

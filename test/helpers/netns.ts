@@ -1,0 +1,98 @@
+/**
+ * Test hosts as network namespaces on one bridge: each host gets a veth
+ * pair into the bridge and its own address; the root namespace holds the
+ * bridge address (for ZooKeeper and the control plane). Everything is
+ * removed by cleanup(). Needs root and iproute2.
+ */
+import { execFileSync, spawn, execFile, type ChildProcess } from 'node:child_process';
+
+export interface NetHost {
+  name: string;
+  ns: string;
+  address: string;
+}
+
+export interface TestNet {
+  bridgeAddress: string;
+  hosts: Record<string, NetHost>;
+  /** Runs a command inside a host's namespace, in the background. */
+  spawn(host: string, args: string[], env?: NodeJS.ProcessEnv): ChildProcess;
+  /** Runs a command inside a host's namespace to completion. */
+  run(host: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }>;
+  cleanup(): void;
+}
+
+const ip = (...args: string[]): string => execFileSync('ip', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+
+/** Why namespaces cannot be made here, or undefined when they can. */
+export function netnsUnavailable(): string | undefined {
+  if (process.getuid?.() !== 0) return 'network namespaces need root';
+  try {
+    ip('-V');
+  } catch {
+    return 'iproute2 (ip) is not installed';
+  }
+  return undefined;
+}
+
+/** Makes `names` hosts on 10.231.<subnet>.0/24: bridge .1, hosts .11, .12, ... */
+export function makeNet(names: string[], subnet = 77): TestNet {
+  const tag = (process.pid % 100000).toString(36);
+  const bridge = `knbr${tag}`;
+  const prefix = `10.231.${subnet}`;
+  const hosts: Record<string, NetHost> = {};
+  const made: string[] = [];
+  const cleanup = (): void => {
+    for (const ns of made) {
+      try {
+        ip('netns', 'del', ns);
+      } catch {
+        // already gone
+      }
+    }
+    try {
+      ip('link', 'del', bridge);
+    } catch {
+      // already gone
+    }
+  };
+  try {
+    ip('link', 'add', bridge, 'type', 'bridge');
+    ip('addr', 'add', `${prefix}.1/24`, 'dev', bridge);
+    ip('link', 'set', bridge, 'up');
+    names.forEach((name, i) => {
+      const ns = `knit-${tag}-${name}`;
+      const address = `${prefix}.${11 + i}`;
+      ip('netns', 'add', ns);
+      made.push(ns);
+      const outer = `kv${tag}${i}o`;
+      const inner = `kv${tag}${i}i`;
+      ip('link', 'add', outer, 'type', 'veth', 'peer', 'name', inner);
+      ip('link', 'set', inner, 'netns', ns);
+      ip('link', 'set', outer, 'master', bridge);
+      ip('link', 'set', outer, 'up');
+      ip('-n', ns, 'link', 'set', 'lo', 'up');
+      ip('-n', ns, 'addr', 'add', `${address}/24`, 'dev', inner);
+      ip('-n', ns, 'link', 'set', inner, 'up');
+      hosts[name] = { name, ns, address };
+    });
+  } catch (e) {
+    cleanup();
+    throw e;
+  }
+  return {
+    bridgeAddress: `${prefix}.1`,
+    hosts,
+    spawn(host, args, env = {}) {
+      return spawn('ip', ['netns', 'exec', hosts[host]!.ns, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    },
+    run(host, args) {
+      return new Promise((resolve) => {
+        execFile('ip', ['netns', 'exec', hosts[host]!.ns, ...args], { timeout: 60_000 }, (err, stdout, stderr) => {
+          resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
+        });
+      });
+    },
+    cleanup,
+  };
+}
