@@ -13,9 +13,13 @@ if [ ! -f /usr/share/java/zookeeper.jar ]; then
     exit 1
   fi
 fi
-# Multi-host tests make hosts out of network namespaces.
-if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+# Multi-host tests make hosts out of network namespaces; the unit tests use systemd-analyze.
+missing=""
+command -v ip >/dev/null || missing="$missing iproute2"
+command -v systemd-analyze >/dev/null || missing="$missing systemd"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ]; then
+  echo "== installing$missing (apt-get)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 echo "== typecheck"; npx tsc --noEmit
 echo "== lint"; npx eslint .

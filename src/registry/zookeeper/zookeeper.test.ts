@@ -97,3 +97,34 @@ test('zookeeper: a server restart keeps the last snapshot while down and resyncs
   }, 30_000, 200);
   await snaps.next('resynced', (l) => l[0]?.health === 'warning', 30_000);
 });
+
+test('regression: health changes of a watched service do not pile up ZooKeeper watch listeners', { skip: missing }, async (t) => {
+  const z = await server();
+  const root = `/listeners-${process.pid}`;
+  const a = await ZooKeeperRegistry.connect({ servers: z.connect, root, sessionTimeoutMs: 5000, log: silentLogger() });
+  const b = await ZooKeeperRegistry.connect({ servers: z.connect, root, sessionTimeoutMs: 5000, log: silentLogger() });
+  const warnings: string[] = [];
+  const onWarning = (w: Error): void => void warnings.push(`${w.name}: ${w.message}`);
+  process.on('warning', onWarning);
+  t.after(async () => {
+    process.off('warning', onWarning);
+    await a.close();
+    await b.close();
+  });
+  const inst: Instance = { id: 'n1/db', service: 'db', node: 'n1', address: '10.0.0.1', port: 21000, tags: [], meta: {}, health: 'passing' };
+  await a.register(inst);
+  const snaps = new Recorder<Instance[]>();
+  b.watchService('db', snaps.push);
+  await snaps.next('registered', (l) => l.length === 1);
+  // Each health flip is a data change: before the fix every refresh added one more children listener.
+  for (let i = 0; i < 30; i++) {
+    const from = snaps.values.length;
+    const health = i % 2 ? 'passing' : 'warning';
+    await a.setHealth('n1/db', health);
+    await snaps.next(`flip ${i}`, (l) => l[0]?.health === health, 5000, from);
+  }
+  // Still delivering, and the client never warned about a listener leak.
+  await a.setHealth('n1/db', 'critical');
+  await snaps.next('critical leaves the set', (l) => l.length === 0);
+  assert.deepEqual(warnings.filter((w) => /MaxListeners/.test(w)), []);
+});

@@ -33,7 +33,7 @@ import {
   type WatchErrorHandler,
 } from '../registry.js';
 
-const { Exception, CreateMode, State, Event } = zookeeper;
+const { Exception, CreateMode, State } = zookeeper;
 
 export interface ZooKeeperOptions {
   /** `host:port,host:port` */
@@ -50,6 +50,13 @@ const enc = encodeURIComponent;
 
 function code(e: unknown): number | undefined {
   return e instanceof Exception ? e.getCode() : undefined;
+}
+
+/** Arms ZooKeeper watches once per key until they fire. */
+interface Arms {
+  /** A watcher for `key`, or undefined when one is already pending. */
+  arm(key: string): ((e: ZkEvent) => void) | undefined;
+  disarm(key: string): void;
 }
 
 /** One in-flight watch, refreshed (re-read and re-armed) whenever ZooKeeper says something changed. */
@@ -261,15 +268,24 @@ export class ZooKeeperRegistry implements Registry {
     });
   }
 
-  private async readInstances(service: string, arm?: { children?: (e: ZkEvent) => void; data?: (child: string) => ((e: ZkEvent) => void) | undefined }): Promise<Instance[] | undefined> {
+  private async readInstances(
+    service: string,
+    arm?: { children?: (e: ZkEvent) => void; data?: (child: string) => ((e: ZkEvent) => void) | undefined; missing?: (child?: string) => void },
+  ): Promise<Instance[] | undefined> {
     const dir = `${this.o.root}/services/${service}`;
     const children = await this.getChildren(dir, arm?.children);
-    if (!children) return undefined;
+    if (!children) {
+      arm?.missing?.();
+      return undefined;
+    }
     const list: Instance[] = [];
     await Promise.all(
       children.map(async (child) => {
         const got = await this.getData(`${dir}/${child}`, arm?.data?.(child));
-        if (!got) return;
+        if (!got) {
+          arm?.missing?.(child);
+          return;
+        }
         try {
           list.push(JSON.parse(got.data.toString('utf8')) as Instance);
         } catch {
@@ -305,15 +321,36 @@ export class ZooKeeperRegistry implements Registry {
   }
 
   /**
-   * A watch that re-reads its state on every ZooKeeper event and re-arms;
-   * refreshes are coalesced so an event storm costs one read at a time.
+   * A watch that re-reads its state on every ZooKeeper event and re-arms.
+   * Refreshes are coalesced so an event storm costs one read at a time, and
+   * each ZooKeeper watch (keyed by kind and path) is armed once until it
+   * fires: re-arming a pending one would pile listeners up in the client.
    */
-  private watch<T>(read: (arm: (e: ZkEvent) => void) => Promise<T>, same: (a: T, b: T) => boolean, deliver: (v: T) => void, onError?: WatchErrorHandler): Watch {
+  private watch<T>(read: (arms: Arms) => Promise<T>, same: (a: T, b: T) => boolean, deliver: (v: T) => void, onError?: WatchErrorHandler): Watch {
     this.live();
     let running = false;
     let dirty = false;
     let open = true;
     let last: { v: T } | undefined;
+    let armed = new Set<string>();
+    let generation = this.sessionGeneration;
+    const arms: Arms = {
+      arm: (key) => {
+        // A new session has none of the old session's watches.
+        if (generation !== this.sessionGeneration) {
+          armed = new Set();
+          generation = this.sessionGeneration;
+        }
+        if (armed.has(key)) return undefined;
+        armed.add(key);
+        return () => {
+          armed.delete(key);
+          w.refresh();
+        };
+      },
+      // ZooKeeper sets no watch when the read found no node.
+      disarm: (key) => armed.delete(key),
+    };
     const w: Refreshable = {
       refresh: () => {
         if (!open) return;
@@ -326,7 +363,7 @@ export class ZooKeeperRegistry implements Registry {
           do {
             dirty = false;
             try {
-              const v = await read(() => w.refresh());
+              const v = await read(arms);
               if (open && (!last || !same(last.v, v))) {
                 last = { v };
                 deliver(v);
@@ -355,31 +392,17 @@ export class ZooKeeperRegistry implements Registry {
 
   watchService(service: string, onSnapshot: (instances: Instance[]) => void, onError?: WatchErrorHandler): Watch {
     const dir = `${this.o.root}/services/${service}`;
-    // Children whose data watch is armed in the current session; ZooKeeper keeps one per path.
-    let armed = new Set<string>();
-    let generation = this.sessionGeneration;
     return this.watch<Instance[]>(
-      async (again) => {
-        if (generation !== this.sessionGeneration) {
-          armed = new Set();
-          generation = this.sessionGeneration;
-        }
-        const onEvent = (e: ZkEvent): void => {
-          const child = e.getPath().slice(dir.length + 1);
-          if (e.getType() !== Event.NODE_CHILDREN_CHANGED) armed.delete(child);
-          again(e);
-        };
+      async (arms) => {
         const list = await this.readInstances(service, {
-          children: onEvent,
-          data: (child) => {
-            if (armed.has(child)) return undefined;
-            armed.add(child);
-            return onEvent;
-          },
+          children: arms.arm(`children:${dir}`),
+          data: (child) => arms.arm(`data:${dir}/${child}`),
+          missing: (child) => arms.disarm(child === undefined ? `children:${dir}` : `data:${dir}/${child}`),
         });
         if (list === undefined) {
           // No such service yet: watch for its creation.
-          await this.call<Stat>(`exists ${dir}`, (c, cb) => c.exists(dir, again, cb));
+          const created = arms.arm(`exists:${dir}`);
+          if (created) await this.call<Stat>(`exists ${dir}`, (c, cb) => c.exists(dir, created, cb));
           return [];
         }
         return list.filter(isRoutable);
@@ -453,12 +476,17 @@ export class ZooKeeperRegistry implements Registry {
   watchKey(key: string, onValue: (entry: KvEntry | undefined) => void, onError?: WatchErrorHandler): Watch {
     const path = this.kvPath(key);
     return this.watch<KvEntry | undefined>(
-      async (again) => {
-        const got = await this.getData(path, again);
+      async (arms) => {
+        const got = await this.getData(path, arms.arm(`data:${path}`));
         if (got) return { value: got.data.toString('utf8'), version: got.stat.version + 1 };
+        arms.disarm(`data:${path}`);
         // getData on a missing node arms nothing: exists() watches for its creation.
-        const stat = await this.call<Stat | undefined>(`exists ${path}`, (c, cb) => c.exists(path, again, (err, s) => cb(err, s ?? undefined)));
-        if (stat) again(undefined as unknown as ZkEvent);
+        const created = arms.arm(`exists:${path}`);
+        if (created) {
+          const stat = await this.call<Stat | undefined>(`exists ${path}`, (c, cb) => c.exists(path, created, (err, st) => cb(err, st ?? undefined)));
+          // Created between the two reads: the exists watch is set on a live node and will fire on its next change; read now.
+          if (stat) return this.kvGet(key);
+        }
         return undefined;
       },
       (a, b) => a?.version === b?.version && a?.value === b?.value,
