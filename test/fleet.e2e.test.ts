@@ -167,6 +167,48 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     assert.match(agents.b!.out.slice(mark), /identity loaded/);
   });
 
+  test('a host cut off past its session timeout leaves, then re-registers by itself when it is back', async (t) => {
+    const webEndpoints = async (): Promise<number> => (await agentState('a')).services.find((x) => x.name === 'web')!.upstreams[0]!.endpoints.length;
+    const mark = agents.b!.out.length;
+    net.link('b', false);
+    const cut = Date.now();
+    await until('B expired from A\'s view', async () => (await webEndpoints()) === 0, SESSION_MS * 5, 100);
+    t.diagnostic(`partitioned host left A's endpoints after ${Date.now() - cut} ms (session timeout ${SESSION_MS} ms)`);
+    // Stay cut off well past the timeout, so that B's session is certainly expired on the server.
+    await delay(SESSION_MS * 2);
+    net.link('b', true);
+    const back = Date.now();
+    await until('route back after re-registration', async () => (await callApi()).result === 'ok', 60_000, 100);
+    t.diagnostic(`after reconnection, B re-registered and A routed to it again in ${Date.now() - back} ms`);
+    assert.match(agents.b!.out.slice(mark), /session expired or lost; re-registering 1 instance/);
+  });
+
+  test('SIGTERM on B\'s agent deregisters at once, serves open connections through the drain, then exits 0', async (t) => {
+    const keepAlive = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    assert.equal((await callApi(keepAlive)).result, 'ok');
+    const proc = agents.b!.proc!;
+    const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
+    const t0 = Date.now();
+    proc.kill('SIGTERM');
+    await until('api gone from A at once', async () => (await agentState('a')).services.find((x) => x.name === 'web')!.upstreams[0]!.endpoints.length === 0, 1500, 50);
+    t.diagnostic(`clean deregistration seen by A after ${Date.now() - t0} ms`);
+    // The open connection still works during the drain (drain: 1s in agent.yaml).
+    assert.equal((await callApi(keepAlive)).result, 'ok');
+    assert.equal(await exited, 0);
+    const took = Date.now() - t0;
+    t.diagnostic(`agent exited ${took} ms after SIGTERM`);
+    assert.ok(took < 1000 + 5000, `${took} ms`);
+    keepAlive.destroy();
+    await startAgent('b');
+    await until('route restored', async () => (await callApi()).result === 'ok', 20_000, 50);
+  });
+
+  test('knit intention against an agent\'s admin API points at the control plane', async () => {
+    const r = await net.run('a', [process.execPath, KNIT, 'intention', 'list']);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, new RegExp(`knit: intentions and the CA are managed by the control plane: add --server ${serverUrl.replace(/[.]/g, '\\.')}`));
+  });
+
   test('killing the ZooKeeper leader fails no request between connected services', async (t) => {
     const keepAlive = new http.Agent({ keepAlive: true, maxSockets: 4 });
     let ok = 0;

@@ -22,6 +22,7 @@ import { OutboundProxy } from '../proxy/outbound/outbound.js';
 import type { HealthStatus, Instance, Registry, Watch } from '../registry/registry.js';
 import { LeafManager, type CertSigner } from './certs.js';
 import { CheckRunner, worst } from './health.js';
+import { retrying } from '../retry.js';
 
 export interface AgentOptions {
   node: string;
@@ -116,7 +117,8 @@ class ServiceRuntime {
         for (const o of this.outbound) o.setTls(t);
       },
     });
-    const tls = await this.leaf.start();
+    // Until the control plane answers, the service waits here (registered as critical), saying so.
+    const tls = await retrying(`control plane for the certificate of ${def.name}`, log, () => this.leaf!.start());
     this.inbound?.setTls(tls);
     // 4. Upstreams.
     for (const up of def.upstreams) {

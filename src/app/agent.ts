@@ -13,13 +13,13 @@ import { LeafManager } from '../agent/certs.js';
 import { ControlClient, enrol } from '../agent/control-client.js';
 import { readAgentIdentity, writeAgentIdentity } from '../agent/identity-store.js';
 import { agentId } from '../identity/spiffe.js';
-import { listenApi } from '../api/router.js';
+import { listenApi, type Route } from '../api/router.js';
 import { Metrics } from '../log/metrics.js';
 import type { Logger } from '../log/logger.js';
-import { ConfigError } from '../errors.js';
+import { ConfigError, KnitError } from '../errors.js';
 import type { ServiceTls } from '../proxy/tls.js';
 import { openRegistry } from './registry.js';
-import { retrying } from './retry.js';
+import { retrying } from '../retry.js';
 
 export interface AgentHandle {
   node: string;
@@ -46,6 +46,15 @@ async function agentIdentity(cfg: AgentConfig, log: Logger): Promise<{ tls: Serv
   return { ...got, enrolled: true };
 }
 
+/** On an agent, intentions and the CA live on the control plane: say where, instead of a bare 404. */
+function controlPlaneHints(server: string): Route[] {
+  const hint = (): never => {
+    throw new KnitError('KNIT_ERR_NOT_FOUND', `intentions and the CA are managed by the control plane: add --server ${server} (or set KNIT_SERVER)`);
+  };
+  const paths = ['/v1/intentions', '/v1/intentions/apply', '/v1/intentions/check', '/v1/ca/roots', '/v1/tokens'];
+  return paths.flatMap((path) => (['GET', 'PUT', 'POST', 'DELETE'] as const).map((method) => ({ method, path, handler: hint })));
+}
+
 export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHandle> {
   const loaded = await loadServicesStrict(cfg.servicesDir);
   const ident = await agentIdentity(cfg, log);
@@ -69,9 +78,9 @@ export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHa
   });
   let server: http.Server | undefined;
   try {
-    const api = await listenApi(agentRoutes(agent, registry, metrics), cfg.adminHost, cfg.adminPort, log);
+    const api = await listenApi([...agentRoutes(agent, registry, metrics), ...controlPlaneHints(cfg.server)], cfg.adminHost, cfg.adminPort, log);
     server = api.server;
-    await retrying(`control plane at ${cfg.server} (service certificates)`, log, () => agent.start(loaded.services));
+    await agent.start(loaded.services);
     return {
       node: cfg.node,
       trustDomain: ident.trustDomain,

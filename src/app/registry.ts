@@ -9,7 +9,7 @@ import { EmbeddedStore } from '../registry/embedded/embedded.js';
 import { ZooKeeperRegistry } from '../registry/zookeeper/zookeeper.js';
 import { KnitError } from '../errors.js';
 import type { Logger } from '../log/logger.js';
-import { retrying } from './retry.js';
+import { retrying } from '../retry.js';
 
 /** Opens a registry client, waiting (and saying so) while a remote registry is unreachable. */
 export async function openRegistry(url: RegistryUrl, dataDir: string, log: Logger): Promise<{ registry: Registry; more: () => Promise<Registry> }> {

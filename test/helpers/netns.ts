@@ -10,6 +10,8 @@ export interface NetHost {
   name: string;
   ns: string;
   address: string;
+  /** The host's end of its veth pair. */
+  device: string;
 }
 
 export interface TestNet {
@@ -17,6 +19,8 @@ export interface TestNet {
   hosts: Record<string, NetHost>;
   /** Runs a command inside a host's namespace, in the background. */
   spawn(host: string, args: string[], env?: NodeJS.ProcessEnv): ChildProcess;
+  /** Cuts a host off the network (down) or puts it back (up). */
+  link(host: string, up: boolean): void;
   /** Runs a command inside a host's namespace to completion. */
   run(host: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }>;
   cleanup(): void;
@@ -74,7 +78,7 @@ export function makeNet(names: string[], subnet = 77): TestNet {
       ip('-n', ns, 'link', 'set', 'lo', 'up');
       ip('-n', ns, 'addr', 'add', `${address}/24`, 'dev', inner);
       ip('-n', ns, 'link', 'set', inner, 'up');
-      hosts[name] = { name, ns, address };
+      hosts[name] = { name, ns, address, device: inner };
     });
   } catch (e) {
     cleanup();
@@ -83,6 +87,9 @@ export function makeNet(names: string[], subnet = 77): TestNet {
   return {
     bridgeAddress: `${prefix}.1`,
     hosts,
+    link(host, up) {
+      ip('-n', hosts[host]!.ns, 'link', 'set', hosts[host]!.device, up ? 'up' : 'down');
+    },
     spawn(host, args, env = {}) {
       return spawn('ip', ['netns', 'exec', hosts[host]!.ns, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     },

@@ -1,7 +1,7 @@
-/** Waiting for something remote at start-up, saying what is awaited, with capped backoff. */
+/** Waiting for something remote (registry, control plane), saying what is awaited, with capped backoff. */
 import { setTimeout as delay } from 'node:timers/promises';
-import { KnitError } from '../errors.js';
-import type { Logger } from '../log/logger.js';
+import { KnitError } from './errors.js';
+import type { Logger } from './log/logger.js';
 
 /** Retries `fn` while it fails with a retryable KnitError; other errors end the wait. */
 export async function retrying<T>(what: string, log: Logger, fn: () => Promise<T>): Promise<T> {
