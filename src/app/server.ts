@@ -15,11 +15,11 @@ import { agentApiRoutes, fleetAuthenticator } from '../server/agent-routes.js';
 import { JoinTokens } from '../server/tokens.js';
 import { issueServerCert, type ServerCert } from '../identity/ca.js';
 import { serverId } from '../identity/spiffe.js';
-import { renewalDelay } from '../agent/certs.js';
+import { renewalDelay, retryDelay } from '../agent/certs.js';
 import { writeFileAtomic } from '../registry/embedded/embedded.js';
 import { listenApi } from '../api/router.js';
 import { registryRoutes } from '../api/registry-routes.js';
-import type { Logger } from '../log/logger.js';
+import { EVENTS, type Logger } from '../log/logger.js';
 import { openRegistry } from './registry.js';
 
 export interface ServerHandle {
@@ -56,15 +56,21 @@ export async function startServer(cfg: ServerConfig, log: Logger): Promise<Serve
   });
   // The server's own certificate is renewed like any leaf; open connections keep theirs.
   let timer: NodeJS.Timeout;
-  const schedule = (): void => {
-    const info = new Date();
+  const schedule = (delayMs?: number): void => {
+    const now = new Date();
     timer = setTimeout(() => {
-      void issueServerCert(cp.ca, id, cfg.advertise, cfg.leafTtlMs).then((c) => {
-        cert = c;
-        (server as HttpsServer).setSecureContext(tlsOf(c));
-        schedule();
-      });
-    }, Math.min(renewalDelay(info, cert.notAfter, info, Math.random()), 2 ** 31 - 1));
+      issueServerCert(cp.ca, id, cfg.advertise, cfg.leafTtlMs).then(
+        (c) => {
+          cert = c;
+          (server as HttpsServer).setSecureContext(tlsOf(c));
+          schedule();
+        },
+        (e: Error) => {
+          log.error({ event: EVENTS.certRenewFailed, err: e.message }, `renewing the API certificate failed: ${e.message}`);
+          schedule(retryDelay(0, cert.notAfter.getTime() - Date.now()));
+        },
+      );
+    }, Math.min(delayMs ?? renewalDelay(now, cert.notAfter, now, Math.random()), 2 ** 31 - 1));
     timer.unref();
   };
   schedule();
