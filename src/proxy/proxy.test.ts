@@ -10,7 +10,7 @@ import { silentLogger } from '../log/logger.js';
 import { compile, type IntentionSet } from '../policy/intentions.js';
 import type { SpiffeId } from '../identity/spiffe.js';
 import type { Instance } from '../registry/registry.js';
-import { makePki, type TestPki } from '../../test/helpers/pki.js';
+import { makePki, hostileLeaf, type TestPki } from '../../test/helpers/pki.js';
 import { until } from '../../test/helpers/wait.js';
 
 let pki: TestPki;
@@ -130,6 +130,27 @@ test('refused: no client cert, another CA, an expired cert, another service with
   // The listener still serves allowed peers afterwards.
   const web = await pki.leaf('web');
   assert.equal(await tlsAttempt({ ca, cert: web.certChainPem, key: web.keyPem }), 'echoed');
+});
+
+test('hostile certificates from the trusted CA are refused, each with its reason, and the listener keeps serving', async () => {
+  const ca = pki.ca.rootPem;
+  const rejected = (reason: string) => metrics.get('knit_inbound_rejected_total', { service: 'api', reason });
+  const web = `spiffe://${pki.trustDomain}/ns/default/svc/web`;
+  const cases: Array<[string[], string, { ca?: boolean }?]> = [
+    [[web, `spiffe://${pki.trustDomain}/ns/default/svc/db`], 'peer certificate has 2 URI SANs, an X.509-SVID has exactly one'],
+    [[], 'peer certificate has 0 URI SANs, an X.509-SVID has exactly one'],
+    [['https://evil.example/web'], 'peer URI SAN https://evil.example/web is not a valid SPIFFE ID'],
+    [[`spiffe://${pki.trustDomain}/agent/node-1`], `peer spiffe://${pki.trustDomain}/agent/node-1 is not a service identity`],
+    [['spiffe://other.knit/ns/default/svc/web'], `peer spiffe://other.knit/ns/default/svc/web is not in trust domain ${pki.trustDomain}`],
+    [[web], 'peer certificate is a CA certificate', { ca: true }],
+  ];
+  for (const [uris, reason, opts] of cases) {
+    const h = await hostileLeaf(pki, uris, opts);
+    assert.equal(await tlsAttempt({ ca, cert: h.cert, key: h.key }), 'closed', reason);
+    await until(reason, () => rejected(reason) === 1);
+  }
+  const good = await pki.leaf('web');
+  assert.equal(await tlsAttempt({ ca, cert: good.certChainPem, key: good.keyPem }), 'echoed');
 });
 
 test('outbound refuses a server that proves another identity, and fails fast with no endpoint', async () => {
