@@ -7,7 +7,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import { mkdtemp, mkdir, rm, writeFile, unlink } from 'node:fs/promises';
+import { mkdtemp, mkdir, rm, stat, writeFile, unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
@@ -120,6 +120,10 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
   test('web on host A calls api on host B through mTLS', async () => {
     await until('web reaches api', async () => (await callApi()).result === 'ok', 20_000, 100);
     assert.match(await agentMetrics('b'), /knit_inbound_connections_total\{decision="allow",rule="intention web -> api \(allow\)",service="api",source="web"\} [1-9]/);
+    // Keys made on the host, kept 0600 next to their certificates.
+    for (const f of ['b/data/agent/key.pem', 'b/data/services/api/key.pem', 'server/data/ca/root.key', 'server/data/operator.token']) {
+      assert.equal((await stat(join(dir, f))).mode & 0o777, 0o600, f);
+    }
   });
 
   test('a join token is single use: a second enrolment with it is refused with the reason', async () => {
@@ -255,6 +259,13 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     keepAlive.destroy();
     assert.deepEqual(failures, [], 'no request failed while the server was down');
     t.diagnostic(`${ok} requests served while the control plane was down for 60 s`);
+
+    // A host restarted during the outage (a rebooted VM) comes back on its stored identity and leaves.
+    const stopped = new Promise((r) => agents.b!.proc!.once('exit', r));
+    agents.b!.proc!.kill('SIGTERM');
+    await stopped;
+    await startAgent('b');
+    await until('B serves again with the control plane still down', async () => (await callApi()).result === 'ok', 20_000, 50);
     server = start([KNIT, 'server', '--config', join(dir, 'server', 'server.yaml')]);
     await server.waitFor(/knit server ready/, 60_000);
     const renewed = await until('web certificate renewed', async () => {

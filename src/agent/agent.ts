@@ -23,6 +23,7 @@ import type { HealthStatus, Instance, Registry, Watch } from '../registry/regist
 import { LeafManager, type CertSigner } from './certs.js';
 import { CheckRunner, worst } from './health.js';
 import { retrying } from '../retry.js';
+import { readStored, serviceDir, writeStored } from './identity-store.js';
 
 export interface AgentOptions {
   node: string;
@@ -37,6 +38,8 @@ export interface AgentOptions {
   inboundPortBase: number;
   registry: Registry;
   signer: CertSigner;
+  /** Where service leaves are kept across restarts; in memory only when absent. */
+  dataDir?: string;
   log: Logger;
   metrics: Metrics;
 }
@@ -107,9 +110,14 @@ class ServiceRuntime {
     // 2. Register as critical: the control plane signs only for services registered on this node.
     this.health = 'critical';
     await a.registry.register(this.instance());
-    // 3. Identity.
+    // 3. Identity: a stored leaf that is still this service's and valid is used at once
+    // (a restart while the control plane is away), else a new one is issued.
+    const dir = a.dataDir && serviceDir(a.dataDir, def.name);
+    const stored = dir ? await readStored(dir) : undefined;
     this.leaf = new LeafManager({
       id: this.spiffe, service: def.name, log,
+      initial: stored?.info.spiffeId?.uri === this.spiffe.uri ? stored.tls : undefined,
+      persist: dir ? (t) => writeStored(dir, t) : undefined,
       sign: (csr) => a.signer.signService(def.name, csr),
       trustBundle: () => a.signer.trustBundle(),
       onRenewed: (t) => {

@@ -1,36 +1,49 @@
 /**
- * The agent's own identity on disk: `<data_dir>/agent/{key.pem (0600),
- * cert.pem, roots.pem}`. Renewals are written here, so a restarted agent
- * uses its current identity and never needs its (long expired) join token
- * again.
+ * Certificates on disk, so a restarted agent (a rebooted VM) keeps working
+ * while the control plane is away: `<data_dir>/agent/` holds the agent's own
+ * identity and `<data_dir>/services/<name>/` each service's leaf, as
+ * key.pem (0600), cert.pem and roots.pem. Renewals are written here too, so
+ * the agent never needs its (long expired) join token again.
  */
 import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { writeFileAtomic } from '../registry/embedded/embedded.js';
-import { certInfo, splitPem } from '../identity/x509.js';
+import { certInfo, splitPem, type CertInfo } from '../identity/x509.js';
 import type { ServiceTls } from '../proxy/tls.js';
 
-const dir = (dataDir: string): string => join(dataDir, 'agent');
+/** Where the agent's own identity is kept. */
+export const agentDir = (dataDir: string): string => join(dataDir, 'agent');
+/** Where a service's leaf is kept. */
+export const serviceDir = (dataDir: string, service: string): string => join(dataDir, 'services', service);
 
-/** The stored identity if it is this node's and valid now; otherwise undefined. */
-export async function readAgentIdentity(dataDir: string, node: string, now = new Date()): Promise<{ tls: ServiceTls; trustDomain: string } | undefined> {
-  let cert: string, key: string, roots: string;
+/** Stored material that is valid now, with its parsed certificate; undefined when absent, unreadable or expired. */
+export async function readStored(dir: string, now = new Date()): Promise<{ tls: ServiceTls; info: CertInfo } | undefined> {
   try {
-    [cert, key, roots] = await Promise.all(['cert.pem', 'key.pem', 'roots.pem'].map((f) => readFile(join(dir(dataDir), f), 'utf8')) as [Promise<string>, Promise<string>, Promise<string>]);
+    const [cert, key, roots] = await Promise.all(['cert.pem', 'key.pem', 'roots.pem'].map((f) => readFile(join(dir, f), 'utf8')));
+    const info = certInfo(cert!);
+    if (info.notAfter <= now || !info.spiffeId) return undefined;
+    return { tls: { certChainPem: cert!, keyPem: key!, trustBundlePem: splitPem(roots!) }, info };
   } catch {
     return undefined;
   }
-  const info = certInfo(cert);
-  const id = info.spiffeId;
-  if (!id || id.what.kind !== 'agent' || id.what.node !== node) return undefined;
-  if (info.notAfter <= now) return undefined;
-  return { tls: { certChainPem: cert, keyPem: key, trustBundlePem: splitPem(roots) }, trustDomain: id.trustDomain };
 }
 
-/** Writes the identity atomically; the key 0600. */
-export async function writeAgentIdentity(dataDir: string, t: ServiceTls): Promise<void> {
-  await mkdir(dir(dataDir), { recursive: true, mode: 0o700 });
-  await writeFileAtomic(join(dir(dataDir), 'key.pem'), t.keyPem, 0o600);
-  await writeFileAtomic(join(dir(dataDir), 'cert.pem'), t.certChainPem, 0o644);
-  await writeFileAtomic(join(dir(dataDir), 'roots.pem'), t.trustBundlePem.join('\n'), 0o644);
+/** Writes material atomically; the key 0600. */
+export async function writeStored(dir: string, t: ServiceTls): Promise<void> {
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  await writeFileAtomic(join(dir, 'key.pem'), t.keyPem, 0o600);
+  await writeFileAtomic(join(dir, 'cert.pem'), t.certChainPem, 0o644);
+  await writeFileAtomic(join(dir, 'roots.pem'), t.trustBundlePem.join('\n'), 0o644);
+}
+
+/** The stored agent identity if it is this node's and valid now. */
+export async function readAgentIdentity(dataDir: string, node: string): Promise<{ tls: ServiceTls; trustDomain: string } | undefined> {
+  const got = await readStored(agentDir(dataDir));
+  const id = got?.info.spiffeId;
+  if (!got || !id || id.what.kind !== 'agent' || id.what.node !== node) return undefined;
+  return { tls: got.tls, trustDomain: id.trustDomain };
+}
+
+export function writeAgentIdentity(dataDir: string, t: ServiceTls): Promise<void> {
+  return writeStored(agentDir(dataDir), t);
 }

@@ -74,7 +74,7 @@ export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHa
   const metrics = new Metrics();
   const agent = new Agent({
     node: cfg.node, trustDomain: ident.trustDomain, servicesDir: cfg.servicesDir, advertiseAddress: cfg.advertise, bindAddress: cfg.bind,
-    inboundPortBase: cfg.inboundPortBase, registry, signer: client, log, metrics,
+    inboundPortBase: cfg.inboundPortBase, registry, signer: client, dataDir: cfg.dataDir, log, metrics,
   });
   let server: http.Server | undefined;
   try {
