@@ -2,7 +2,9 @@
  * Side-by-side data-plane figures on this machine:
  *   direct:  wrk -> app
  *   haproxy: wrk -> haproxy (plain in, mTLS out) -> haproxy (mTLS in) -> app, one thread each
- *   knit:    wrk -> knit outbound -> mTLS -> knit inbound -> app (one `knit dev` process)
+ *   knit dev:    wrk -> knit outbound -> mTLS -> knit inbound -> app (one `knit dev` process)
+ *   knit agents: the same through two `knit agent` processes (as on two hosts),
+ *                with `knit server` and a ZooKeeper started for the run
  * For each: throughput at 16 keep-alive connections (ratio to direct),
  * added p50 latency on one sequential connection, new connections per
  * second (Connection: close), and resident memory of the proxies.
@@ -16,6 +18,7 @@ import { CertificateAuthority, createCsr } from '../src/identity/ca.js';
 import { serviceId } from '../src/identity/spiffe.js';
 import { freePort, KNIT, ROOT } from '../test/helpers/knit.js';
 import { until } from '../test/helpers/wait.js';
+import { startZooKeeper } from '../test/helpers/zookeeper.js';
 
 const seconds = Number(process.argv[process.argv.indexOf('--seconds') + 1]) || 5;
 const procs: ChildProcess[] = [];
@@ -104,7 +107,37 @@ async function main(): Promise<void> {
     const h = await measure(`http://127.0.0.1:${hOut}/`);
     results.push(['haproxy mTLS pair', h, (await rssMb(ha[0]!.pid!)) + (await rssMb(ha[1]!.pid!))]);
     const k = await measure(`http://127.0.0.1:${knitPort}/`);
-    results.push(['knit mTLS pair', k, await rssMb(knit.pid!)]);
+    results.push(['knit dev (both ends, one process)', k, await rssMb(knit.pid!)]);
+    knit.kill('SIGTERM');
+
+    // Two agents, as on two hosts: client's agent and server's agent are separate processes.
+    const zk = await startZooKeeper();
+    try {
+      const sport = await freePort();
+      await writeFile(join(dir, 'server.yaml'), `name: bench\ndata_dir: ${dir}/cp\nregistry: zk://${zk.connect}/knit\nlisten: 127.0.0.1:${sport}\nadvertise: [127.0.0.1]\ndefault_intention: allow\n`);
+      const cp = run(process.execPath, [KNIT, 'server', '--config', join(dir, 'server.yaml')]);
+      await waitOutput(cp, /knit server ready/);
+      const cli = { ...process.env, KNIT_SERVER: `https://127.0.0.1:${sport}`, KNIT_TOKEN_FILE: `${dir}/cp/operator.token`, KNIT_CA_FILE: `${dir}/cp/ca/root.pem` };
+      const agentPids: number[] = [];
+      const agentPort = await freePort();
+      for (const [name, svc] of [['srv', { service: { name: 'server', port: appPort } }], ['cli', { service: { name: 'client', connect: { sidecar_service: { proxy: { upstreams: [{ destination_name: 'server', local_bind_port: agentPort }] } } } } }]] as const) {
+        const d = join(dir, name);
+        await (await import('node:fs/promises')).mkdir(join(d, 'services'), { recursive: true });
+        await writeFile(join(d, 'services', 'svc.json'), JSON.stringify(svc));
+        const token = await new Promise<string>((res, rej) => execFile(process.execPath, [KNIT, 'token', 'create'], { env: cli }, (e, out) => (e ? rej(e) : res(out))));
+        await writeFile(join(d, 'join.token'), token);
+        await writeFile(join(d, 'agent.yaml'), `node: ${name}\ndata_dir: ${d}/data\nregistry: zk://${zk.connect}/knit\nserver: https://127.0.0.1:${sport}\njoin_token_file: ${d}/join.token\nservices_dir: ${d}/services\nadvertise: 127.0.0.1\nbind: 127.0.0.1\nadmin: 127.0.0.1:${await freePort()}\ninbound_port_base: 0\nlog_level: warn\n`);
+        const p = run(process.execPath, [KNIT, 'agent', '--config', join(d, 'agent.yaml')]);
+        await waitOutput(p, /knit agent ready/);
+        agentPids.push(p.pid!);
+      }
+      await until('agents route', async () => parseRate(await wrk(['-t1', '-c1', '-d1s', `http://127.0.0.1:${agentPort}/`]).catch(() => '')) > 0, 20_000, 200);
+      const a = await measure(`http://127.0.0.1:${agentPort}/`);
+      results.push(['knit agents (two processes)', a, (await rssMb(agentPids[0]!)) + (await rssMb(agentPids[1]!))]);
+    } finally {
+      for (const p of procs.splice(3)) p.kill('SIGTERM');
+      await zk.stop();
+    }
 
     console.log(`\nknit data-plane benchmark (${seconds}s per run, HTTP keep-alive, 64-byte body, node ${process.version})`);
     console.log('| path | req/s, 16 conns | x direct | p50 1 conn | added p50 | new conns/s | proxy RSS |');
@@ -112,7 +145,9 @@ async function main(): Promise<void> {
     for (const [name, r, rss] of results) {
       console.log(`| ${name} | ${r.rps.toFixed(0)} | ${(r.rps / direct.rps).toFixed(2)} | ${r.p50.toFixed(0)} us | ${name === 'direct' ? '-' : `+${(r.p50 - direct.p50).toFixed(0)} us`} | ${r.cps.toFixed(0)} | ${rss ? `${rss.toFixed(0)} MB` : '-'} |`);
     }
-    console.log(`\nknit vs haproxy: throughput ${(k.rps / h.rps).toFixed(2)}x, new conns ${(k.cps / h.cps).toFixed(2)}x, added p50 ${((k.p50 - direct.p50) / Math.max(1, h.p50 - direct.p50)).toFixed(2)}x`);
+    for (const [name, r] of results.slice(2)) {
+      console.log(`${name} vs haproxy: throughput ${(r.rps / h.rps).toFixed(2)}x, new conns ${(r.cps / h.cps).toFixed(2)}x, added p50 ${((r.p50 - direct.p50) / Math.max(1, h.p50 - direct.p50)).toFixed(2)}x`);
+    }
   } finally {
     for (const p of procs) p.kill('SIGTERM');
     await rm(dir, { recursive: true, force: true });
