@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, writeFile, mkdir } from 'node:fs/promises';
+import { mkdtemp, writeFile, mkdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseServiceFiles, loadServices, loadServicesStrict } from './services.js';
@@ -87,8 +87,9 @@ test('duplicate ids across files name both files', () => {
   assert.equal(r.problems[0]?.file, 'b.yaml');
 });
 
-test('a directory loads json/yaml/yml alphabetically and ignores subfolders and other files', async () => {
+test('a directory loads json/yaml/yml alphabetically and ignores subfolders and other files', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'knit-svc-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
   await writeFile(join(dir, 'b.yml'), 'service: { name: b }\n');
   await writeFile(join(dir, 'a.json'), '{"service": {"name": "a"}}');
   await writeFile(join(dir, 'c.yaml'), 'service: { name: c }\n');
