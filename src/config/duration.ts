@@ -20,11 +20,3 @@ export function parseDuration(text: string): number | undefined {
   }
   return at === 0 ? undefined : total;
 }
-
-/** Formats milliseconds back to the shortest Go-style string. */
-export function formatDuration(ms: number): string {
-  if (ms % 3_600_000 === 0 && ms > 0) return `${ms / 3_600_000}h`;
-  if (ms % 60_000 === 0 && ms > 0) return `${ms / 60_000}m`;
-  if (ms % 1000 === 0) return `${ms / 1000}s`;
-  return `${ms}ms`;
-}

@@ -50,16 +50,6 @@ export class Metrics {
     return this.families.get(name)?.values.get(labelKey(labels)) ?? 0;
   }
 
-  /** Sum over every label set of a family. */
-  total(name: string, match: Labels = {}): number {
-    const f = this.families.get(name);
-    if (!f) return 0;
-    const want = Object.entries(match).map(([k, v]) => `${k}="${esc(v)}"`);
-    let sum = 0;
-    for (const [k, v] of f.values) if (want.every((w) => k.includes(w))) sum += v;
-    return sum;
-  }
-
   /** Prometheus exposition text. */
   render(): string {
     const out: string[] = [];
