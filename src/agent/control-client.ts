@@ -4,23 +4,25 @@
  * identity, and service leaves. The server must prove a
  * `spiffe://<td>/server/<name>` identity chained to the trust bundle.
  */
-import { X509Certificate, createHash } from 'node:crypto';
+import { X509Certificate } from 'node:crypto';
 import type { PeerCertificate } from 'node:tls';
 import { Agent as Dispatcher, request } from 'undici';
 import { KnitError } from '../errors.js';
-import { agentId, parseSpiffeId } from '../identity/spiffe.js';
+import { agentId } from '../identity/spiffe.js';
+import { certInfoFromDer } from '../identity/x509.js';
 import { createCsr, validateLeaf, type SignedLeaf } from '../identity/ca.js';
 import type { ServiceTls } from '../proxy/tls.js';
 import type { CertSigner } from './certs.js';
-import { parseJoinToken } from '../server/tokens.js';
+import { caHash, parseJoinToken } from '../server/tokens.js';
 
 /** Checks that a server certificate carries a control-plane identity of `trustDomain`. */
 export function checkServer(trustDomain: string | undefined) {
   return (_host: string, cert: PeerCertificate): Error | undefined => {
-    const uris = (cert.subjectaltname ?? '').split(', ').filter((s) => s.startsWith('URI:')).map((s) => s.slice(4));
-    if (uris.length !== 1) return new Error(`control plane certificate has ${uris.length} URI SANs`);
     try {
-      const id = parseSpiffeId(uris[0]!);
+      const info = certInfoFromDer(cert.raw);
+      if (info.uris.length !== 1) return new Error(`control plane certificate has ${info.uris.length} URI SANs`);
+      const id = info.spiffeId;
+      if (!id) return new Error(`control plane URI SAN ${info.uris[0]} is not a SPIFFE ID`);
       if (id.what.kind !== 'server') return new Error(`${id.uri} is not a control-plane identity`);
       if (trustDomain && id.trustDomain !== trustDomain) return new Error(`${id.uri} is not in trust domain ${trustDomain}`);
     } catch (e) {
@@ -71,7 +73,7 @@ async function discoverRoots(server: string, expectedHash: string): Promise<{ ro
   try {
     const res = await request(`${server}/v1/ca/roots`, { dispatcher: insecure, signal: AbortSignal.timeout(15_000) });
     const got = (await res.body.json()) as { roots: string[]; trustDomain: string };
-    const match = got.roots.find((r) => createHash('sha256').update(new X509Certificate(r).raw).digest('hex') === expectedHash);
+    const match = got.roots.find((r) => caHash(r) === expectedHash);
     if (!match) throw new KnitError('KNIT_ERR_UNAUTHORIZED', `the control plane at ${server} does not hold the CA named in the join token: refusing to enrol`);
     return got;
   } catch (e) {

@@ -106,6 +106,11 @@ export function certInfo(pem: string): CertInfo {
   };
 }
 
+/** Parses one DER certificate (as TLS sockets hand it over); throws KNIT_ERR_CERT on garbage. */
+export function certInfoFromDer(der: Buffer): CertInfo {
+  return certInfo(`-----BEGIN CERTIFICATE-----\n${der.toString('base64')}\n-----END CERTIFICATE-----`);
+}
+
 /** Splits a PEM bundle into its certificates. */
 export function splitPem(bundle: string): string[] {
   return bundle.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];

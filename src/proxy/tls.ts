@@ -6,7 +6,7 @@
  */
 import tls from 'node:tls';
 import type { TLSSocket } from 'node:tls';
-import { certInfo } from '../identity/x509.js';
+import { certInfoFromDer } from '../identity/x509.js';
 import type { SpiffeId } from '../identity/spiffe.js';
 
 /** What a service presents and trusts. */
@@ -45,7 +45,7 @@ export class PeerIdentityReader {
 
   private parse(der: Buffer): PeerIdentity {
     try {
-      const info = certInfo(`-----BEGIN CERTIFICATE-----\n${der.toString('base64')}\n-----END CERTIFICATE-----`);
+      const info = certInfoFromDer(der);
       if (info.uris.length !== 1) return { ok: false, reason: `peer certificate has ${info.uris.length} URI SANs, an X.509-SVID has exactly one` };
       if (!info.spiffeId) return { ok: false, reason: `peer URI SAN ${info.uris[0]?.slice(0, 200)} is not a valid SPIFFE ID` };
       if (info.isCa) return { ok: false, reason: 'peer certificate is a CA certificate' };
