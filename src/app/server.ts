@@ -13,13 +13,13 @@ import { ControlPlane } from '../server/control-plane.js';
 import { controlPlaneRoutes } from '../server/routes.js';
 import { agentApiRoutes, fleetAuthenticator } from '../server/agent-routes.js';
 import { JoinTokens } from '../server/tokens.js';
-import { issueServerCert, type ServerCert } from '../identity/ca.js';
 import { serverId } from '../identity/spiffe.js';
-import { renewalDelay, retryDelay } from '../agent/certs.js';
+import { LeafManager } from '../agent/certs.js';
+import { tlsOptions } from '../proxy/tls.js';
 import { writeFileAtomic } from '../registry/embedded/embedded.js';
 import { listenApi } from '../api/router.js';
 import { registryRoutes } from '../api/registry-routes.js';
-import { EVENTS, type Logger } from '../log/logger.js';
+import type { Logger } from '../log/logger.js';
 import { openRegistry } from './registry.js';
 
 export interface ServerHandle {
@@ -47,42 +47,30 @@ export async function startServer(cfg: ServerConfig, log: Logger): Promise<Serve
   const cp = await ControlPlane.open({ dataDir: cfg.dataDir, registry, trustDomain: cfg.trustDomain, initialDefault: cfg.defaultIntention, leafTtlMs: cfg.leafTtlMs, log });
   const op = await operatorToken(cfg.dataDir);
   const id = serverId(cp.trustDomain, cfg.name);
-  const tlsOf = (c: ServerCert) => ({ cert: c.certPem, key: c.keyPem, ca: cp.trustBundle(), minVersion: 'TLSv1.3' as const });
-  let cert = await issueServerCert(cp.ca, id, cfg.advertise, cfg.leafTtlMs);
+  // The API's own certificate is a leaf like any other: made here, renewed in place (open connections keep theirs).
+  const apiCert = new LeafManager({
+    id,
+    service: 'control-plane API',
+    sign: (csr) => cp.ca.signCsr(csr, id, { ttlMs: cfg.leafTtlMs, extraNames: cfg.advertise }),
+    trustBundle: async () => cp.trustBundle(),
+    // Renewals come long after `api` below is listening.
+    onRenewed: (t) => (api.server as HttpsServer).setSecureContext(tlsOptions(t)),
+    log,
+  });
   const tokens = new JoinTokens(registry, () => cp.ca.rootPem);
-  const { server, port } = await listenApi([...agentApiRoutes(cp, tokens, cfg.agentTtlMs, log), ...controlPlaneRoutes(cp), ...registryRoutes(registry)], cfg.listenHost, cfg.listenPort, log, {
-    tls: tlsOf(cert),
+  const api = await listenApi([...agentApiRoutes(cp, tokens, cfg.agentTtlMs, log), ...controlPlaneRoutes(cp), ...registryRoutes(registry)], cfg.listenHost, cfg.listenPort, log, {
+    tls: tlsOptions(await apiCert.start()),
     authenticate: fleetAuthenticator(op.token, () => cp.trustDomain),
   });
-  // The server's own certificate is renewed like any leaf; open connections keep theirs.
-  let timer: NodeJS.Timeout;
-  const schedule = (delayMs?: number): void => {
-    const now = new Date();
-    timer = setTimeout(() => {
-      issueServerCert(cp.ca, id, cfg.advertise, cfg.leafTtlMs).then(
-        (c) => {
-          cert = c;
-          (server as HttpsServer).setSecureContext(tlsOf(c));
-          schedule();
-        },
-        (e: Error) => {
-          log.error({ event: EVENTS.certRenewFailed, err: e.message }, `renewing the API certificate failed: ${e.message}`);
-          schedule(retryDelay(0, cert.notAfter.getTime() - Date.now()));
-        },
-      );
-    }, Math.min(delayMs ?? renewalDelay(now, cert.notAfter, now, Math.random()), 2 ** 31 - 1));
-    timer.unref();
-  };
-  schedule();
   return {
     trustDomain: cp.trustDomain,
-    port,
+    port: api.port,
     operatorTokenFile: op.file,
     caCreated: cp.created,
     async stop() {
-      clearTimeout(timer);
-      server.close();
-      server.closeAllConnections();
+      apiCert.stop();
+      api.server.close();
+      api.server.closeAllConnections();
       await registry.close();
     },
   };

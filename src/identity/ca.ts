@@ -141,7 +141,7 @@ export class CertificateAuthority {
         new x509.SubjectAlternativeNameExtension(
           [
             { type: 'url', value: id.uri },
-            // Only for the control plane's own HTTPS certificate (issueServerCert); never from a CSR.
+            // Only for the control plane's own HTTPS certificate (app/server.ts); agents' requests never set it.
             ...(opts.extraNames ?? []).map((n) => (isIP(n) ? { type: 'ip' as const, value: n } : { type: 'dns' as const, value: n })),
           ],
           true,
@@ -152,24 +152,6 @@ export class CertificateAuthority {
     });
     return { certPem: leaf.toString('pem'), chainPem: [], notAfter };
   }
-}
-
-/** A control-plane server's own certificate and key, made on the server. */
-export interface ServerCert {
-  certPem: string;
-  keyPem: string;
-  notAfter: Date;
-}
-
-/**
- * Issues the HTTPS certificate of a control-plane server: its SPIFFE ID as
- * the one URI SAN, plus DNS and IP SANs for the names clients dial.
- * The key is made here, on the server, and never sent anywhere.
- */
-export async function issueServerCert(ca: CertificateAuthority, id: SpiffeId, names: string[], ttlMs = DEFAULT_LEAF_TTL_MS): Promise<ServerCert> {
-  const { keyPem, csrPem } = await createCsr(id);
-  const leaf = await ca.signCsr(csrPem, id, { ttlMs, extraNames: names });
-  return { certPem: leaf.certPem, keyPem, notAfter: leaf.notAfter };
 }
 
 /** Makes an agent-side key and a CSR for `id`; the private key never leaves the caller. */
