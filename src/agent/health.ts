@@ -7,6 +7,7 @@
 import net from 'node:net';
 import { request, Agent as UndiciAgent, type Dispatcher } from 'undici';
 import type { CheckDefinition, HealthStatus } from '../config/services.js';
+import { splitHostPort } from '../config/node-config.js';
 
 const RANK: Record<HealthStatus, number> = { passing: 0, warning: 1, critical: 2 };
 
@@ -53,9 +54,7 @@ export async function runHttpCheck(c: CheckDefinition): Promise<CheckResult> {
 /** Runs a tcp check once. */
 export function runTcpCheck(c: CheckDefinition): Promise<CheckResult> {
   const target = c.target!;
-  const at = target.lastIndexOf(':');
-  const host = target.slice(0, at).replace(/^\[|\]$/g, '');
-  const port = Number(target.slice(at + 1));
+  const { host, port } = splitHostPort(target);
   return new Promise((resolve) => {
     const s = net.connect({ host, port });
     const done = (r: CheckResult): void => {

@@ -98,7 +98,8 @@ export function primaryAddress(): string {
   return '127.0.0.1';
 }
 
-function splitHostPort(v: string): { host: string; port: number } {
+/** `host:port` or `[v6]:port` into its parts. */
+export function splitHostPort(v: string): { host: string; port: number } {
   const at = v.lastIndexOf(':');
   return { host: v.slice(0, at).replace(/^\[|\]$/g, ''), port: Number(v.slice(at + 1)) };
 }
