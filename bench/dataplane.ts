@@ -124,7 +124,7 @@ async function main(): Promise<void> {
         const d = join(dir, name);
         await (await import('node:fs/promises')).mkdir(join(d, 'services'), { recursive: true });
         await writeFile(join(d, 'services', 'svc.json'), JSON.stringify(svc));
-        const token = await new Promise<string>((res, rej) => execFile(process.execPath, [KNIT, 'token', 'create'], { env: cli }, (e: Error | null, out: string) => (e ? rej(e) : res(out))));
+        const token = await new Promise<string>((res, rej) => execFile(process.execPath, [KNIT, 'token', 'create', '--node', name, '--services', svc.service.name], { env: cli }, (e: Error | null, out: string) => (e ? rej(e) : res(out))));
         await writeFile(join(d, 'join.token'), token);
         await writeFile(join(d, 'agent.yaml'), `node: ${name}\ndata_dir: ${d}/data\nregistry: zk://${zk.connect}/knit\nserver: https://127.0.0.1:${sport}\njoin_token_file: ${d}/join.token\nservices_dir: ${d}/services\nadvertise: 127.0.0.1\nbind: 127.0.0.1\nadmin: 127.0.0.1:${await freePort()}\ninbound_port_base: 0\nlog_level: warn\n`);
         const p = run(process.execPath, [KNIT, 'agent', '--config', join(d, 'agent.yaml')]);

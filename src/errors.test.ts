@@ -12,6 +12,7 @@ test('every error code builds a KnitError with its code and retry flag', () => {
   }
   assert.equal(new KnitError('KNIT_ERR_CAS_CONFLICT', 'x').retryable, true);
   assert.equal(new KnitError('KNIT_ERR_DENIED', 'x').retryable, false);
+  assert.equal(new KnitError('KNIT_ERR_REGISTRY_DENIED', 'x').retryable, false);
 });
 
 test('wrapError keeps the cause and does not double-wrap', () => {

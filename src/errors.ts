@@ -15,12 +15,20 @@ export const ERROR_CODES = {
   KNIT_ERR_CERT: { retryable: false },
   /** The CA refused to sign. */
   KNIT_ERR_CA: { retryable: false },
+  /** A signed document (intentions, node records, join tokens) is unsigned, forged, stale or signed by someone else. */
+  KNIT_ERR_SIGNATURE: { retryable: false },
   /** A compare-and-set lost against a concurrent writer. */
   KNIT_ERR_CAS_CONFLICT: { retryable: true },
   /** The control plane (knit server) could not be reached. */
   KNIT_ERR_SERVER_UNAVAILABLE: { retryable: true },
   /** The registry could not be reached or answered with an error. */
   KNIT_ERR_REGISTRY_UNAVAILABLE: { retryable: true },
+  /**
+   * The registry refused an operation because this client lacks the
+   * credential it needs (ZooKeeper NO_AUTH): the message names the path and
+   * the credential. Retrying with the same credential cannot help.
+   */
+  KNIT_ERR_REGISTRY_DENIED: { retryable: false },
   /** A registry key or instance does not exist. */
   KNIT_ERR_NOT_FOUND: { retryable: false },
   /** An intention denied a connection. */

@@ -12,7 +12,7 @@ import { knit, freePort, ROOT } from './helpers/knit.js';
 test('knit --help lists the commands of product.md', async () => {
   const r = await knit(['--help']);
   assert.equal(r.code, 0);
-  for (const c of ['dev', 'server', 'agent', 'validate', 'services', 'intention', 'token', 'ca', 'check']) assert.match(r.stdout, new RegExp(`^  ${c}\\b`, 'm'), c);
+  for (const c of ['dev', 'server', 'agent', 'validate', 'services', 'intention', 'token', 'node', 'ca', 'check']) assert.match(r.stdout, new RegExp(`^  ${c}\\b`, 'm'), c);
   const i = await knit(['intention', '--help']);
   for (const c of ['allow', 'deny', 'delete', 'list', 'apply', 'check']) assert.match(i.stdout, new RegExp(`^  ${c}\\b`, 'm'), c);
 });
@@ -37,7 +37,7 @@ test('failures exit non-zero with one line that says what to do', async () => {
   assert.equal(exposed.code, 1);
   assert.match(exposed.stderr, /^knit: --admin-addr 0\.0\.0\.0:7701: the admin API listens on loopback only$/m);
 
-  const noToken = await knit(['token', 'create', '--server', `https://127.0.0.1:${port}`, '--token-file', '/nonexistent/operator.token']);
+  const noToken = await knit(['token', 'create', '--node', 'n1', '--services', 'web', '--server', `https://127.0.0.1:${port}`, '--token-file', '/nonexistent/operator.token']);
   assert.equal(noToken.code, 1);
   assert.match(noToken.stderr, /^knit: cannot read the operator token \/nonexistent\/operator\.token \(ENOENT\); pass --token-file or KNIT_TOKEN_FILE$/m);
 

@@ -14,6 +14,7 @@ import type { ChildProcess } from 'node:child_process';
 import { setTimeout as delay } from 'node:timers/promises';
 import { KNIT, ROOT, knit, start, freePort, type Proc } from './helpers/knit.js';
 import { makeNet, netnsUnavailable, type TestNet } from './helpers/netns.js';
+import { FleetAgents } from './helpers/fleet.js';
 import { ensureZooKeeper, startZooKeeper, type ZkCluster } from './helpers/zookeeper.js';
 import { until } from './helpers/wait.js';
 
@@ -27,21 +28,13 @@ let dir: string;
 let server: Proc;
 let serverUrl: string;
 let cliEnv: NodeJS.ProcessEnv;
-const agents: Record<string, { proc?: ChildProcess; out: string }> = { a: { out: '' }, b: { out: '' } };
+let fleet: FleetAgents;
 let apiApp: ChildProcess | undefined;
+const agents = { get a() { return fleet.agents.a!; }, get b() { return fleet.agents.b!; } };
 
 /** Starts (or restarts) the agent of a host inside its namespace; resolves when it is ready. */
 async function startAgent(host: 'a' | 'b'): Promise<void> {
-  const p = net.spawn(host, [process.execPath, KNIT, 'agent', '--config', join(dir, host, 'agent.yaml')], { KNIT_LOG_LEVEL: 'info' });
-  const a = agents[host]!;
-  a.proc = p;
-  const mark = a.out.length;
-  p.stdout!.on('data', (d: Buffer) => (a.out += d.toString()));
-  p.stderr!.on('data', (d: Buffer) => (a.out += d.toString()));
-  await until(`agent ${host} ready`, () => {
-    if (p.exitCode !== null) throw new Error(`agent ${host} exited ${p.exitCode}: ${a.out.slice(mark).slice(-3000)}`);
-    return a.out.slice(mark).includes('knit agent ready');
-  }, 60_000, 50);
+  await fleet.start(host);
 }
 
 /** GET through web's upstream on host A (bound on A's address); 'ok', 'failed' or 'slow'. */
@@ -59,15 +52,8 @@ function callApi(agent?: http.Agent): Promise<{ result: 'ok' | 'failed'; ms: num
   });
 }
 
-/** An agent's /v1/state, read from inside its namespace (the admin API is on its loopback). */
-async function agentState(host: 'a' | 'b'): Promise<{ services: Array<{ name: string; certificateExpires: string; upstreams: Array<{ endpoints: string[] }> }> }> {
-  const r = await net.run(host, [process.execPath, '-e', "fetch('http://127.0.0.1:7701/v1/state').then(r=>r.text()).then(t=>process.stdout.write(t))"]);
-  return JSON.parse(r.stdout) as never;
-}
-
-async function agentMetrics(host: 'a' | 'b'): Promise<string> {
-  return (await net.run(host, [process.execPath, '-e', "fetch('http://127.0.0.1:7701/metrics').then(r=>r.text()).then(t=>process.stdout.write(t))"])).stdout;
-}
+const agentState = (host: 'a' | 'b') => fleet.state(host);
+const agentMetrics = (host: 'a' | 'b') => fleet.metrics(host);
 
 describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensemble', { skip: missing && `cannot run: ${missing}` }, () => {
   before(async () => {
@@ -87,16 +73,17 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     await server.waitFor(/knit server ready/, 60_000);
     cliEnv = { KNIT_SERVER: serverUrl, KNIT_TOKEN_FILE: join(dir, 'server', 'data', 'operator.token'), KNIT_CA_FILE: join(dir, 'server', 'data', 'ca', 'root.pem') };
 
+    fleet = new FleetAgents(net, dir);
+    const services = { a: 'web', b: 'api' } as const;
     for (const host of ['a', 'b'] as const) {
-      const h = join(dir, host);
-      await mkdir(join(h, 'services'), { recursive: true });
-      const tok = await knit(['token', 'create', '--ttl', '10m'], cliEnv);
+      const tok = await knit(['token', 'create', '--node', `host-${host}`, '--services', services[host], '--ttl', '10m'], cliEnv);
       assert.equal(tok.code, 0, tok.stderr);
-      await writeFile(join(h, 'join.token'), tok.stdout);
-      await writeFile(
-        join(h, 'agent.yaml'),
-        `node: host-${host}\ndata_dir: ${join(h, 'data')}\nregistry: ${zkUrl}?session_timeout=${SESSION_MS / 1000}s\nserver: ${serverUrl}\njoin_token_file: ${join(h, 'join.token')}\nservices_dir: ${join(h, 'services')}\nadvertise: ${net.hosts[host]!.address}\ndrain: 1s\n`,
-      );
+      await fleet.configure(host, {
+        node: `host-${host}`, registry: `${zkUrl}?session_timeout=${SESSION_MS / 1000}s`, server: serverUrl, advertise: net.hosts[host]!.address,
+        // A's upstream listens on A's address so that the test (outside A's namespace) can call it.
+        extra: ['drain: 1s', ...(host === 'a' ? ['allow_remote_upstreams: true'] : [])],
+      });
+      await writeFile(join(dir, host, 'join.token'), tok.stdout);
     }
     await writeFile(join(dir, 'a', 'services', 'web.json'), JSON.stringify({ service: { name: 'web', connect: { sidecar_service: { proxy: { upstreams: [{ destination_name: 'api', local_bind_port: 9191, local_bind_address: net.hosts.a!.address }] } } } } }));
     await writeFile(join(dir, 'b', 'services', 'api.json'), JSON.stringify({ service: { name: 'api', port: 9001, check: { http: 'http://127.0.0.1:9001/health', interval: '1s', timeout: '1s' } } }));
@@ -109,7 +96,7 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
   });
 
   after(async () => {
-    for (const a of Object.values(agents)) a.proc?.kill('SIGKILL');
+    fleet?.killAll();
     apiApp?.kill('SIGKILL');
     await server?.kill();
     await zk?.stop();
@@ -148,7 +135,7 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
 
   test('kill -9 of B\'s agent: api leaves A\'s endpoints within the session timeout, A fails fast, restart restores', async (t) => {
     const killedAt = Date.now();
-    agents.b!.proc!.kill('SIGKILL');
+    agents.b.proc!.kill('SIGKILL');
     // A never hangs: every call ends quickly, first refused, then reset for lack of endpoints.
     const gone = await until('api gone from A\'s endpoints', async () => {
       const r = await callApi();
@@ -162,18 +149,18 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
 
     // The restarted agent uses its stored identity: the join token is gone and not needed.
     await unlink(join(dir, 'b', 'join.token'));
-    const mark = agents.b!.out.length;
+    const mark = agents.b.out.length;
     const restartedAt = Date.now();
     await startAgent('b');
     await until('route restored', async () => (await callApi()).result === 'ok', 20_000, 20);
     t.diagnostic(`B's agent restart (process start, identity, registration, leaf, first health check) to routable from A: ${Date.now() - restartedAt} ms`);
-    assert.doesNotMatch(agents.b!.out.slice(mark), /enrolled in/);
-    assert.match(agents.b!.out.slice(mark), /identity loaded/);
+    assert.doesNotMatch(agents.b.out.slice(mark), /enrolled with the join token/);
+    assert.match(agents.b.out.slice(mark), /identity loaded/);
   });
 
   test('a host cut off past its session timeout leaves, then re-registers by itself when it is back', async (t) => {
     const webEndpoints = async (): Promise<number> => (await agentState('a')).services.find((x) => x.name === 'web')!.upstreams[0]!.endpoints.length;
-    const mark = agents.b!.out.length;
+    const mark = agents.b.out.length;
     net.link('b', false);
     const cut = Date.now();
     await until('B expired from A\'s view', async () => (await webEndpoints()) === 0, SESSION_MS * 5, 100);
@@ -184,13 +171,13 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     const back = Date.now();
     await until('route back after re-registration', async () => (await callApi()).result === 'ok', 60_000, 100);
     t.diagnostic(`after reconnection, B re-registered and A routed to it again in ${Date.now() - back} ms`);
-    assert.match(agents.b!.out.slice(mark), /session expired or lost; re-registering 1 instance/);
+    assert.match(agents.b.out.slice(mark), /session expired or lost; re-registering 1 instance/);
   });
 
   test('SIGTERM on B\'s agent deregisters at once, serves open connections through the drain, then exits 0', async (t) => {
     const keepAlive = new http.Agent({ keepAlive: true, maxSockets: 1 });
     assert.equal((await callApi(keepAlive)).result, 'ok');
-    const proc = agents.b!.proc!;
+    const proc = agents.b.proc!;
     const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
     const t0 = Date.now();
     proc.kill('SIGTERM');
@@ -210,7 +197,7 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
   test('knit intention against an agent\'s admin API points at the control plane', async () => {
     const r = await net.run('a', [process.execPath, KNIT, 'intention', 'list']);
     assert.equal(r.code, 1);
-    assert.match(r.stderr, new RegExp(`knit: intentions and the CA are managed by the control plane: add --server ${serverUrl.replace(/[.]/g, '\\.')}`));
+    assert.match(r.stderr, new RegExp(`knit: intentions, nodes and the CA are managed by the control plane: add --server ${serverUrl.replace(/[.]/g, '\\.')}`));
   });
 
   test('killing the ZooKeeper leader fails no request between connected services', async (t) => {
@@ -261,8 +248,8 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     t.diagnostic(`${ok} requests served while the control plane was down for 60 s`);
 
     // A host restarted during the outage (a rebooted VM) comes back on its stored identity and leaves.
-    const stopped = new Promise((r) => agents.b!.proc!.once('exit', r));
-    agents.b!.proc!.kill('SIGTERM');
+    const stopped = new Promise((r) => agents.b.proc!.once('exit', r));
+    agents.b.proc!.kill('SIGTERM');
     await stopped;
     await startAgent('b');
     await until('B serves again with the control plane still down', async () => (await callApi()).result === 'ok', 20_000, 50);
@@ -272,7 +259,7 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
       const now = (await agentState('a')).services.find((s) => s.name === 'web')!.certificateExpires;
       return now !== before ? now : undefined;
     }, 120_000, 500);
-    assert.ok(Date.parse(renewed) > Date.parse(before));
+    assert.ok(before && Date.parse(renewed) > Date.parse(before));
     assert.equal((await callApi()).result, 'ok');
   });
 });

@@ -49,10 +49,11 @@ before(async () => {
   await writeFile(join(services, 'api.json'), JSON.stringify({ service: { name: 'api', port: appPort, check: { http: `http://127.0.0.1:${appPort}/health`, interval: '1s', timeout: '1s' } } }));
   await writeFile(join(services, 'web.json'), JSON.stringify({ service: { name: 'web', connect: { sidecar_service: { proxy: { upstreams: [{ destination_name: 'api', local_bind_port: upPort }] } } } } }));
   const store = await EmbeddedStore.open(join(dir, 'data'));
-  cp = await ControlPlane.open({ dataDir: join(dir, 'data'), registry: store.client(), initialDefault: 'allow', log: silentLogger() });
+  cp = await ControlPlane.open({ dataDir: join(dir, 'data'), registry: store.client(), name: 'cp', initialDefault: 'allow', log: silentLogger() });
   agent = new Agent({
     node: 'n1', trustDomain: cp.trustDomain, servicesDir: services, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1', inboundPortBase: 0,
-    registry: store.client(), signer: cp.localSigner('n1'), log: silentLogger(), metrics: new Metrics(),
+    registry: store.client(), signer: cp.localSigner(), log: silentLogger(), metrics: new Metrics(),
+    trust: () => ({ roots: cp.trustBundle(), trustDomain: cp.trustDomain }),
   });
   await agent.start((await loadServicesStrict(services)).services);
   watcher = store.client();
@@ -82,12 +83,55 @@ test('an instance whose checks fail leaves its peers\' endpoints and comes back 
   w.close();
 });
 
-test('the control plane refuses to sign for a service not registered on the asking node', async () => {
+test('the control plane signs a service leaf only for a service the node is allowed to run', async () => {
   const { createCsr } = await import('../identity/ca.js');
   const { serviceId } = await import('../identity/spiffe.js');
   const csr = (await createCsr(serviceId(cp.trustDomain, 'api'))).csrPem;
-  await assert.rejects(cp.signService('n2', 'api', csr), (e: unknown) => isKnitError(e, 'KNIT_ERR_UNAUTHORIZED') && /not registered on node n2/.test(e.message));
-  assert.ok((await cp.signService('n1', 'api', csr)).certPem);
+  const refused = (node: string, re: RegExp) => assert.rejects(cp.signService(node, 'api', csr), (e: unknown) => isKnitError(e, 'KNIT_ERR_UNAUTHORIZED') && re.test(e.message));
+  await refused('n2', /node n2 is not known to the control plane/);
+  const grant = async (node: string, services: string[]) => cp.nodes.enrol({ id: `tok-${node}`, node, services, expiresAt: new Date(Date.now() + 60_000).toISOString() }, 'KEY', new Date(Date.now() + 60_000));
+  await grant('n2', ['web', 'db-*']);
+  // Registering the service is not a way in: only the allowance counts.
+  await refused('n2', /service api is not allowed on node n2: knit node set n2 --services web,db-\*,api/);
+  await cp.nodes.setServices('n2', ['api*']);
+  assert.ok((await cp.signService('n2', 'api', csr)).certPem);
+  await cp.nodes.revoke('n2');
+  await refused('n2', /node n2 was revoked at/);
+});
+
+test('a service whose certificate is refused waits, the others run, and it starts by itself once allowed', async () => {
+  const { KnitError } = await import('../errors.js');
+  const local = cp.localSigner();
+  let allowDb = false;
+  const services = join(dir, 'services-refused');
+  await (await import('node:fs/promises')).mkdir(services);
+  const dbPort = await freePort();
+  await writeFile(join(services, 'db.json'), JSON.stringify({ service: { name: 'db', port: dbPort } }));
+  await writeFile(join(services, 'cache.json'), JSON.stringify({ service: { name: 'cache', port: dbPort } }));
+  const store = await EmbeddedStore.open();
+  const a = new Agent({
+    node: 'n3', trustDomain: cp.trustDomain, servicesDir: services, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1', inboundPortBase: 0,
+    registry: store.client(), log: silentLogger(), metrics: new Metrics(), identityRetryMaxMs: 200,
+    signer: {
+      signService: async (svc, csr) => {
+        if (svc === 'db' && !allowDb) throw new KnitError('KNIT_ERR_UNAUTHORIZED', 'control plane /v1/agent/sign: service db is not allowed on node n3: knit node set n3 --services cache,db');
+        return local.signService(svc, csr);
+      },
+      trustBundle: () => local.trustBundle(),
+    },
+    trust: () => ({ roots: cp.trustBundle(), trustDomain: cp.trustDomain }),
+  });
+  const peer = store.client();
+  await a.start((await loadServicesStrict(services)).services);
+  const byName = () => Object.fromEntries(a.state().services.map((s) => [s.name, s]));
+  assert.equal(byName().cache?.waiting, undefined);
+  assert.match(byName().db?.waiting ?? '', /service db is not allowed on node n3: knit node set n3 --services cache,db/);
+  assert.equal((await peer.instances('cache')).length, 1, 'the allowed service runs');
+  assert.equal((await peer.instances('db')).length, 0, 'the refused one is not registered');
+  allowDb = true;
+  await until('db started by itself', async () => byName().db?.waiting === undefined && (await peer.instances('db')).length === 1, 5000, 20);
+  assert.ok(byName().db?.certificateExpires);
+  await a.stop();
 });
 
 test('reload starts new services, refuses bad files without touching running ones, and TTL checks report', async () => {

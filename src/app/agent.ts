@@ -1,23 +1,26 @@
 /**
  * `knit agent`: one host of a fleet. Wires the agent's identity (enrolled
- * once with a join token, then renewed with itself), the control-plane
- * client, the shared registry, the services and the loopback admin API.
+ * once with a join token, then renewed with itself, rejoined with its key
+ * after a long absence), the control-plane client, the shared registry
+ * (with the credential the control plane handed out), the services and the
+ * admin API (loopback only unless configured otherwise, then behind a
+ * bearer token).
  */
 import { readFile } from 'node:fs/promises';
+import { timingSafeEqual } from 'node:crypto';
 import type http from 'node:http';
 import type { AgentConfig } from '../config/node-config.js';
 import { loadServicesStrict } from '../config/services.js';
 import { Agent } from '../agent/agent.js';
 import { agentRoutes } from '../agent/admin.js';
 import { LeafManager } from '../agent/certs.js';
-import { ControlClient, enrol } from '../agent/control-client.js';
-import { readAgentIdentity, writeAgentIdentity } from '../agent/identity-store.js';
+import { ControlClient, enrol, rejoin, type AgentIdentity } from '../agent/control-client.js';
+import { readAgentIdentity, readRegistryAuth, writeAgentIdentity, writeRegistryAuth } from '../agent/identity-store.js';
 import { agentId } from '../identity/spiffe.js';
-import { listenApi, type Route } from '../api/router.js';
+import { listenApi, type Authenticate, type Route } from '../api/router.js';
 import { Metrics } from '../log/metrics.js';
-import type { Logger } from '../log/logger.js';
+import { EVENTS, type Logger } from '../log/logger.js';
 import { ConfigError, KnitError } from '../errors.js';
-import type { ServiceTls } from '../proxy/tls.js';
 import { openRegistry } from './registry.js';
 import { retrying } from '../retry.js';
 
@@ -25,40 +28,82 @@ export interface AgentHandle {
   node: string;
   trustDomain: string;
   adminPort: number;
-  enrolled: boolean;
+  /** How the identity was had: `enrolled` (join token), `rejoined` (recorded key), `stored`. */
+  identity: 'enrolled' | 'rejoined' | 'stored';
   reload: Agent['reload'];
   stop(drainMs?: number): Promise<void>;
 }
 
-/** First identity: the stored one if still valid, else enrolment with the join token. */
-async function agentIdentity(cfg: AgentConfig, log: Logger): Promise<{ tls: ServiceTls; trustDomain: string; enrolled: boolean }> {
-  const stored = await readAgentIdentity(cfg.dataDir, cfg.node);
-  if (stored) return { ...stored, enrolled: false };
-  let token: string;
+async function readToken(cfg: AgentConfig, why: string): Promise<string> {
   try {
-    token = (await readFile(cfg.joinTokenFile, 'utf8')).trim();
+    return (await readFile(cfg.joinTokenFile, 'utf8')).trim();
   } catch (e) {
-    throw new ConfigError([{ file: cfg.joinTokenFile, message: `no valid agent identity in ${cfg.dataDir}/agent and no join token (${(e as Error).message}); create one with knit token create` }]);
+    throw new ConfigError([{ file: cfg.joinTokenFile, message: `${why}, and no join token (${(e as Error).message}); create one with: knit token create --node ${cfg.node} --services ...` }]);
   }
-  const got = await retrying(`control plane at ${cfg.server} (enrolment)`, log, () => enrol(cfg.server, token, cfg.node));
-  await writeAgentIdentity(cfg.dataDir, got.tls);
-  log.info({ node: cfg.node, trustDomain: got.trustDomain }, `enrolled as ${agentId(got.trustDomain, cfg.node).uri}`);
-  return { ...got, enrolled: true };
 }
 
-/** On an agent, intentions and the CA live on the control plane: say where, instead of a bare 404. */
+/**
+ * First identity: the stored one if still valid; an expired one rejoins
+ * with its key (a VM that was off); else, or when rejoin is refused
+ * (revoked, past the window), enrolment with the join token.
+ */
+async function agentIdentity(cfg: AgentConfig, log: Logger): Promise<AgentIdentity & { how: AgentHandle['identity'] }> {
+  const stored = await readAgentIdentity(cfg.dataDir, cfg.node);
+  if (stored && !stored.expired) return { tls: stored.tls, trustDomain: stored.trustDomain, how: 'stored' };
+  let why = `no agent identity in ${cfg.dataDir}/agent`;
+  if (stored) {
+    try {
+      const got = await retrying(`control plane at ${cfg.server} (rejoin with the stored key)`, log, () => rejoin(cfg.server, stored.tls, stored.trustDomain, cfg.node));
+      await writeAgentIdentity(cfg.dataDir, got.tls);
+      log.info({ event: EVENTS.nodeRejoined, node: cfg.node }, `certificate had expired; rejoined as ${agentId(got.trustDomain, cfg.node).uri} with the recorded key`);
+      return { ...got, how: 'rejoined' };
+    } catch (e) {
+      if (!(e instanceof KnitError) || e.code !== 'KNIT_ERR_UNAUTHORIZED') throw e;
+      why = e.message;
+      log.error({ event: EVENTS.rejoinRefused, node: cfg.node, err: e.message }, `${e.message}; trying the join token`);
+    }
+  }
+  const token = await readToken(cfg, why);
+  const got = await retrying(`control plane at ${cfg.server} (enrolment)`, log, () => enrol(cfg.server, token, cfg.node));
+  await writeAgentIdentity(cfg.dataDir, got.tls);
+  log.info({ event: EVENTS.nodeEnrolled, node: cfg.node, trustDomain: got.trustDomain }, `enrolled as ${agentId(got.trustDomain, cfg.node).uri}`);
+  return { ...got, how: 'enrolled' };
+}
+
+/** On an agent, intentions, nodes and the CA live on the control plane: say where, instead of a bare 404. */
 function controlPlaneHints(server: string): Route[] {
   const hint = (): never => {
-    throw new KnitError('KNIT_ERR_NOT_FOUND', `intentions and the CA are managed by the control plane: add --server ${server} (or set KNIT_SERVER)`);
+    throw new KnitError('KNIT_ERR_NOT_FOUND', `intentions, nodes and the CA are managed by the control plane: add --server ${server} (or set KNIT_SERVER)`);
   };
-  const paths = ['/v1/intentions', '/v1/intentions/apply', '/v1/intentions/check', '/v1/ca/roots', '/v1/tokens'];
+  const paths = ['/v1/intentions', '/v1/intentions/apply', '/v1/intentions/check', '/v1/ca/roots', '/v1/tokens', '/v1/nodes'];
   return paths.flatMap((path) => (['GET', 'PUT', 'POST', 'DELETE'] as const).map((method) => ({ method, path, handler: hint })));
 }
 
+/** A remote admin API admits only callers with the bearer token in `file`; a loopback one admits local callers. */
+async function adminAuthenticator(cfg: AgentConfig): Promise<Authenticate | undefined> {
+  if (!cfg.adminTokenFile) return undefined;
+  let token: string;
+  try {
+    token = (await readFile(cfg.adminTokenFile, 'utf8')).trim();
+  } catch (e) {
+    throw new ConfigError([{ file: cfg.file, field: 'admin_token_file', message: `cannot read ${cfg.adminTokenFile}: ${(e as Error).message}` }]);
+  }
+  if (token.length < 16) throw new ConfigError([{ file: cfg.file, field: 'admin_token_file', message: `${cfg.adminTokenFile} holds fewer than 16 characters; use a long random secret (e.g. the operator token)` }]);
+  const want = Buffer.from(token);
+  return (req: http.IncomingMessage) => {
+    const got = Buffer.from((req.headers.authorization ?? '').replace(/^Bearer\s+/, '').trim());
+    return got.length === want.length && timingSafeEqual(got, want) ? { kind: 'operator' } : { kind: 'anonymous' };
+  };
+}
+
 export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHandle> {
-  const loaded = await loadServicesStrict(cfg.servicesDir);
+  const loaded = await loadServicesStrict(cfg.servicesDir, { allowRemoteUpstreams: cfg.allowRemoteUpstreams });
+  const authenticate = await adminAuthenticator(cfg);
   const ident = await agentIdentity(cfg, log);
-  const client = new ControlClient(cfg.server, ident.trustDomain, ident.tls);
+  if (ident.registryAuth) await writeRegistryAuth(cfg.dataDir, ident.registryAuth);
+  const client = new ControlClient(cfg.server, ident.trustDomain, cfg.node, ident.tls, (auth) => {
+    void writeRegistryAuth(cfg.dataDir, auth).catch((e: Error) => log.warn({ event: EVENTS.registryError, err: e.message }, 'cannot store the registry credential'));
+  });
   const agentLeaf = new LeafManager({
     id: agentId(ident.trustDomain, cfg.node),
     service: 'agent',
@@ -70,22 +115,25 @@ export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHa
     log,
   });
   await agentLeaf.start();
-  const { registry } = await openRegistry(cfg.registry, cfg.dataDir, log);
+  const { registry } = await openRegistry(cfg.registry, cfg.dataDir, log, { role: 'agent', auth: await readRegistryAuth(cfg.dataDir) });
   const metrics = new Metrics();
   const agent = new Agent({
     node: cfg.node, trustDomain: ident.trustDomain, servicesDir: cfg.servicesDir, advertiseAddress: cfg.advertise, bindAddress: cfg.bind,
     inboundPortBase: cfg.inboundPortBase, registry, signer: client, dataDir: cfg.dataDir, log, metrics,
+    trust: () => ({ roots: ident.tls.trustBundlePem, trustDomain: ident.trustDomain }),
+    nodeRecords: true,
+    loadOptions: { allowRemoteUpstreams: cfg.allowRemoteUpstreams },
   });
   let server: http.Server | undefined;
   try {
-    const api = await listenApi([...agentRoutes(agent, registry, metrics), ...controlPlaneHints(cfg.server)], cfg.adminHost, cfg.adminPort, log);
+    const api = await listenApi([...agentRoutes(agent, registry, metrics), ...controlPlaneHints(cfg.server)], cfg.adminHost, cfg.adminPort, log, { authenticate });
     server = api.server;
     await agent.start(loaded.services);
     return {
       node: cfg.node,
       trustDomain: ident.trustDomain,
       adminPort: api.port,
-      enrolled: ident.enrolled,
+      identity: ident.how,
       reload: () => agent.reload(),
       async stop(drainMs = cfg.drainMs) {
         agentLeaf.stop();

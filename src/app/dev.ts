@@ -46,13 +46,14 @@ export async function startDev(o: DevOptions): Promise<DevHandle> {
   const loaded = await loadServicesStrict(o.configDir);
   const store = await EmbeddedStore.open(o.dataDir);
   const cpRegistry = store.client();
-  const cp = await ControlPlane.open({ dataDir: o.dataDir, registry: cpRegistry, trustDomain: o.trustDomain, initialDefault: o.initialDefault, log: o.log });
   const node = defaultNodeName();
+  const cp = await ControlPlane.open({ dataDir: o.dataDir, registry: cpRegistry, name: node, trustDomain: o.trustDomain, initialDefault: o.initialDefault, log: o.log });
   const metrics = new Metrics();
   const agentRegistry = store.client();
   const agent = new Agent({
     node, trustDomain: cp.trustDomain, servicesDir: o.configDir, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1',
-    inboundPortBase: o.inboundPortBase, registry: agentRegistry, signer: cp.localSigner(node), log: o.log, metrics,
+    inboundPortBase: o.inboundPortBase, registry: agentRegistry, signer: cp.localSigner(), log: o.log, metrics,
+    trust: () => ({ roots: cp.trustBundle(), trustDomain: cp.trustDomain }),
   });
   let server: http.Server | undefined;
   try {

@@ -1,8 +1,11 @@
 /**
  * `knit server`: the control plane of a fleet. The CA (key 0600 in the data
- * dir), intentions and join tokens over an HTTPS API whose certificate comes
- * from the same CA and is renewed in place; the operator authenticates with
- * a bearer token kept 0600 in the data dir, agents with their certificates.
+ * dir), intentions, node records and join tokens over an HTTPS API whose
+ * certificate comes from the same CA and is renewed in place; the operator
+ * authenticates with a bearer token kept 0600 in the data dir, agents with
+ * their certificates. With ZooKeeper, the server holds the registry's
+ * write credential and hands agents theirs at enrolment (both made on first
+ * start, 0600 in the data dir, unless the registry URL names a file).
  */
 import { randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
@@ -12,7 +15,6 @@ import type { ServerConfig } from '../config/node-config.js';
 import { ControlPlane } from '../server/control-plane.js';
 import { controlPlaneRoutes } from '../server/routes.js';
 import { agentApiRoutes, fleetAuthenticator } from '../server/agent-routes.js';
-import { JoinTokens } from '../server/tokens.js';
 import { serverId } from '../identity/spiffe.js';
 import { LeafManager } from '../agent/certs.js';
 import { tlsOptions } from '../proxy/tls.js';
@@ -20,7 +22,7 @@ import { writeFileAtomic } from '../registry/embedded/embedded.js';
 import { listenApi } from '../api/router.js';
 import { registryRoutes } from '../api/registry-routes.js';
 import type { Logger } from '../log/logger.js';
-import { openRegistry } from './registry.js';
+import { openRegistry, registryCredentials } from './registry.js';
 
 export interface ServerHandle {
   trustDomain: string;
@@ -30,22 +32,33 @@ export interface ServerHandle {
   stop(): Promise<void>;
 }
 
-/** The operator token: made on first start, 0600, never logged. */
-async function operatorToken(dataDir: string): Promise<{ token: string; file: string }> {
-  const file = join(dataDir, 'operator.token');
+/** A secret made on first start, 0600, never logged. */
+async function secret(file: string, make: () => string): Promise<string> {
   try {
-    return { token: (await readFile(file, 'utf8')).trim(), file };
+    return (await readFile(file, 'utf8')).trim();
   } catch {
-    const token = randomBytes(32).toString('hex');
-    await writeFileAtomic(file, `${token}\n`, 0o600);
-    return { token, file };
+    const value = make();
+    await writeFileAtomic(file, `${value}\n`, 0o600);
+    return value;
   }
 }
 
+const random = (): string => randomBytes(32).toString('hex');
+
 export async function startServer(cfg: ServerConfig, log: Logger): Promise<ServerHandle> {
-  const { registry } = await openRegistry(cfg.registry, cfg.dataDir, log);
-  const cp = await ControlPlane.open({ dataDir: cfg.dataDir, registry, trustDomain: cfg.trustDomain, initialDefault: cfg.defaultIntention, leafTtlMs: cfg.leafTtlMs, log });
-  const op = await operatorToken(cfg.dataDir);
+  // ZooKeeper credentials: the URL's files, else made here on first start (0600).
+  const zk = cfg.registry.kind === 'zookeeper' ? cfg.registry : undefined;
+  const access = {
+    role: 'server' as const,
+    auth: zk && !zk.authFile ? await secret(join(cfg.dataDir, 'registry-server.auth'), () => `knit-server:${random()}`) : undefined,
+    agentAuth: zk && !zk.agentAuthFile ? await secret(join(cfg.dataDir, 'registry-agent.auth'), () => `knit-agent:${random()}`) : undefined,
+  };
+  const creds = await registryCredentials(cfg.registry, access);
+  const agentAuth = creds.agent && `${creds.agent.user}:${creds.agent.password}`;
+  const { registry } = await openRegistry(cfg.registry, cfg.dataDir, log, access);
+  const cp = await ControlPlane.open({ dataDir: cfg.dataDir, registry, name: cfg.name, trustDomain: cfg.trustDomain, initialDefault: cfg.defaultIntention, leafTtlMs: cfg.leafTtlMs, log });
+  const operatorTokenFile = join(cfg.dataDir, 'operator.token');
+  const operatorToken = await secret(operatorTokenFile, random);
   const id = serverId(cp.trustDomain, cfg.name);
   // The API's own certificate is a leaf like any other: made here, renewed in place (open connections keep theirs).
   const apiCert = new LeafManager({
@@ -57,15 +70,19 @@ export async function startServer(cfg: ServerConfig, log: Logger): Promise<Serve
     onRenewed: (t) => (api.server as HttpsServer).setSecureContext(tlsOptions(t)),
     log,
   });
-  const tokens = new JoinTokens(registry, () => cp.ca.rootPem);
-  const api = await listenApi([...agentApiRoutes(cp, tokens, cfg.agentTtlMs, log), ...controlPlaneRoutes(cp), ...registryRoutes(registry)], cfg.listenHost, cfg.listenPort, log, {
+  const routes = [
+    ...agentApiRoutes(cp, { agentTtlMs: cfg.agentTtlMs, rejoinWindowMs: cfg.rejoinWindowMs, agentRegistryAuth: agentAuth, registry, log }),
+    ...controlPlaneRoutes(cp),
+    ...registryRoutes(registry),
+  ];
+  const api = await listenApi(routes, cfg.listenHost, cfg.listenPort, log, {
     tls: tlsOptions(await apiCert.start()),
-    authenticate: fleetAuthenticator(op.token, () => cp.trustDomain),
+    authenticate: fleetAuthenticator(operatorToken, () => cp.trustDomain),
   });
   return {
     trustDomain: cp.trustDomain,
     port: api.port,
-    operatorTokenFile: op.file,
+    operatorTokenFile,
     caCreated: cp.created,
     async stop() {
       apiCert.stop();

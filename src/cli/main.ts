@@ -9,6 +9,7 @@ import { startServer } from '../app/server.js';
 import { startAgent } from '../app/agent.js';
 import { loadAgentConfig, loadServerConfig } from '../config/node-config.js';
 import { createLogger } from '../log/logger.js';
+import { installProcessGuard } from '../log/process-guard.js';
 import { logLevel, devDataDir } from '../config/env.js';
 import { readIntentionsFile } from '../config/intentions-file.js';
 import { ConfigError, KnitError, formatProblem } from '../errors.js';
@@ -59,6 +60,7 @@ program
   .action(async (o: { configDir: string; dataDir: string; adminAddr: string; inboundPortBase: number; trustDomain?: string }) => {
     const admin = loopbackAddr(o.adminAddr);
     const log = createLogger({ level: logLevel() });
+    installProcessGuard(log);
     let dev;
     try {
       dev = await startDev({
@@ -121,6 +123,7 @@ program
   .action(async (o: { config: string }) => {
     const cfg = await loadServerConfig(o.config).catch((e: unknown) => configFailure(e, o.config));
     const log = createLogger({ level: cfg.logLevel });
+    installProcessGuard(log);
     const s = await startServer(cfg, log);
     console.log(
       [
@@ -140,29 +143,76 @@ program
   .action(async (o: { config: string }) => {
     const cfg = await loadAgentConfig(o.config).catch((e: unknown) => configFailure(e, o.config));
     const log = createLogger({ level: cfg.logLevel });
+    installProcessGuard(log);
     log.info(`waiting for the control plane at ${cfg.server} and the registry`);
     const a = await startAgent(cfg, log).catch((e: unknown) => configFailure(e, `${cfg.servicesDir} or ${cfg.joinTokenFile}`));
-    console.log(`knit agent ${a.node}: ${a.enrolled ? 'enrolled' : 'identity loaded'} in trust domain ${a.trustDomain}; admin API http://${cfg.adminHost}:${a.adminPort}\nknit agent ready`);
+    const how = { enrolled: 'enrolled with the join token', rejoined: 'rejoined with its recorded key', stored: 'identity loaded' }[a.identity];
+    console.log(`knit agent ${a.node}: ${how} in trust domain ${a.trustDomain}; admin API http://${cfg.adminHost}:${a.adminPort}\nknit agent ready`);
     lifecycle(() => a.stop(cfg.drainMs), () => a.reload());
   });
 
 const token = program.command('token').description('join tokens for enrolling agents');
 withServer(token.command('create'))
-  .description('a single-use, expiring join token (give it to one agent in its join_token_file)')
+  .description('a single-use, expiring join token that enrols one node and names the services it may run')
+  .requiredOption('--node <name>', 'the node (host) this token enrols; the agent must run with node: <name>')
+  .requiredOption('--services <list>', 'services the node may run, comma-separated; a trailing * is a glob (web-*)')
   .option('--ttl <duration>', 'how long the token stays valid', '1h')
   .addOption(jsonOpt())
-  .action(async (o: ApiOptions & { ttl: string; json?: boolean }) => {
-    const t = await api<{ token: string; expiresAt: string }>(o, 'POST', '/v1/tokens', { ttl: o.ttl });
+  .action(async (o: ApiOptions & { node: string; services: string; ttl: string; json?: boolean }) => {
+    const services = o.services.split(',').map((x) => x.trim()).filter(Boolean);
+    const t = await api<{ token: string; expiresAt: string; node: string; services: string[] }>(o, 'POST', '/v1/tokens', { ttl: o.ttl, node: o.node, services });
     console.log(o.json ? JSON.stringify(t) : t.token);
+  });
+
+interface NodeView {
+  node: string;
+  services: string[];
+  keyFingerprint?: string;
+  agentCertExpires?: string;
+  enrolledAt?: string;
+  lastSeen?: string;
+  revokedAt?: string;
+  evicted?: string[];
+}
+const nodeLine = (n: NodeView): string =>
+  `${n.node}  services=${n.services.join(',')}  ${n.revokedAt ? `REVOKED ${n.revokedAt}` : `cert until ${n.agentCertExpires ?? '-'}`}  last seen ${n.lastSeen ?? '-'}  key ${n.keyFingerprint?.slice(0, 16) ?? '-'}`;
+
+const node = program.command('node').description('nodes (hosts) and the services each may run; kept by the control plane');
+withServer(node.command('list'))
+  .description('every node: allowed services, key fingerprint, certificate expiry, last seen, revocation')
+  .addOption(jsonOpt())
+  .action(async (o: ApiOptions & { json?: boolean }) => {
+    const list = await api<NodeView[]>(o, 'GET', '/v1/nodes');
+    if (o.json) return console.log(JSON.stringify(list, null, 1));
+    console.log(list.length ? list.map(nodeLine).join('\n') : 'no nodes enrolled');
+  });
+withServer(node.command('set'))
+  .description('the services NODE may run (takes effect on its next signing; removed services are not renewed)')
+  .argument('<node>')
+  .requiredOption('--services <list>', 'comma-separated; a trailing * is a glob (web-*)')
+  .addOption(jsonOpt())
+  .action(async (name: string, o: ApiOptions & { services: string; json?: boolean }) => {
+    const services = o.services.split(',').map((x) => x.trim()).filter(Boolean);
+    const n = await api<NodeView>(o, 'PUT', `/v1/nodes/${encodeURIComponent(name)}`, { services });
+    console.log(o.json ? JSON.stringify(n) : nodeLine(n));
+  });
+withServer(node.command('revoke'))
+  .description('no more renewals or signings for NODE; its registrations are removed and peers stop routing to it')
+  .argument('<node>')
+  .addOption(jsonOpt())
+  .action(async (name: string, o: ApiOptions & { json?: boolean }) => {
+    const n = await api<NodeView>(o, 'POST', `/v1/nodes/${encodeURIComponent(name)}/revoke`, {});
+    console.log(o.json ? JSON.stringify(n) : `${nodeLine(n)}\nremoved ${n.evicted?.length ?? 0} instance(s)`);
   });
 
 program
   .command('validate')
   .description('check service and intention files; prints every error with file, line and field')
   .argument('<dir-or-file>')
+  .option('--allow-remote-upstreams', 'accept upstreams on non-loopback addresses (as agent.yaml allow_remote_upstreams: true)')
   .addOption(jsonOpt())
-  .action(async (target: string, o: { json?: boolean }) => {
-    process.exitCode = printValidate(await validate(target), !!o.json);
+  .action(async (target: string, o: { json?: boolean; allowRemoteUpstreams?: boolean }) => {
+    process.exitCode = printValidate(await validate(target, { allowRemoteUpstreams: !!o.allowRemoteUpstreams }), !!o.json);
   });
 
 withServer(program.command('services'))
@@ -272,6 +322,10 @@ program
     findings.push({ level: 'ok', what: `agent ${state.node} in trust domain ${state.trustDomain}, ${state.services.length} service(s)` });
     const soon = Date.now() + 3600_000;
     for (const s of state.services) {
+      if (s.waiting) {
+        findings.push({ level: 'error', what: `${s.name} is not running: ${s.waiting.replace(/^control plane \/v1\/agent\/sign: /, '')}` });
+        continue;
+      }
       if (s.health === 'critical') findings.push({ level: 'error', what: `${s.name} is critical: ${s.checks.filter((c) => c.status !== 'passing').map((c) => `${c.id}: ${c.output}`).join('; ')}` });
       else if (s.health === 'warning') findings.push({ level: 'warn', what: `${s.name} is warning` });
       if (s.certificateExpires && Date.parse(s.certificateExpires) < soon) findings.push({ level: 'warn', what: `${s.name}'s certificate expires at ${s.certificateExpires}` });

@@ -1,6 +1,6 @@
 /** `knit validate DIR_OR_FILE`: every problem in service and intention files, with file, line and field. */
 import { readFile, stat } from 'node:fs/promises';
-import { listServiceFiles, parseServiceFiles } from '../config/services.js';
+import { listServiceFiles, parseServiceFiles, type LoadOptions } from '../config/services.js';
 import { parseIntentionsFile } from '../config/intentions-file.js';
 import { parseLocated } from '../config/document.js';
 import { ConfigError, formatProblem, type FileProblem } from '../errors.js';
@@ -20,7 +20,7 @@ function isIntentionsFile(file: string, text: string): boolean {
   return typeof v === 'object' && v !== null && 'intentions' in v;
 }
 
-export async function validate(target: string): Promise<ValidateResult> {
+export async function validate(target: string, opts: LoadOptions = {}): Promise<ValidateResult> {
   let files: string[];
   try {
     files = (await stat(target)).isDirectory() ? await listServiceFiles(target) : [target];
@@ -43,7 +43,7 @@ export async function validate(target: string): Promise<ValidateResult> {
       else throw e;
     }
   }
-  const r = parseServiceFiles(serviceFiles);
+  const r = parseServiceFiles(serviceFiles, opts);
   out.services = r.services.map((s) => s.id);
   out.problems.push(...r.problems);
   out.warnings = r.warnings;

@@ -26,6 +26,12 @@ test('an agent config with defaults', async () => {
     assert.equal(c.adminPort, 7701);
     assert.equal(c.inboundPortBase, 21000);
     assert.equal(c.drainMs, 10_000);
+    assert.equal(c.allowRemoteUpstreams, false);
+    assert.equal(c.adminTokenFile, undefined);
+  });
+  await withFile('registry: zk://10.0.0.5:2181/knit\nserver: https://cp:7700/\nadmin: 10.0.0.1:7701\nadmin_allow_remote: true\nadmin_token_file: /etc/knit/admin.token\n', async (file) => {
+    const c = await loadAgentConfig(file);
+    assert.deepEqual([c.adminHost, c.adminTokenFile], ['10.0.0.1', '/etc/knit/admin.token']);
   });
 });
 
@@ -37,6 +43,8 @@ const badAgent: Array<[string, string, number | undefined, RegExp]> = [
   ['embedded registry on an agent', 'registry: "embedded:"\nserver: https://cp:7700\n', 1, /an agent needs a shared registry/],
   ['bad drain', 'registry: zk://h:2181/knit\nserver: https://cp:7700\ndrain: soon\n', 3, /drain: "soon" is not a duration/],
   ['bad node name', 'registry: zk://h:2181/knit\nserver: https://cp:7700\nnode: "vm 1"\n', 3, /node: node name "vm 1" may only contain/],
+  ['admin API on a public address', 'registry: zk://h:2181/knit\nserver: https://cp:7700\nadmin: 0.0.0.0:7701\n', 3, /admin: 0\.0\.0\.0 is not a loopback address: the admin API .* would be open to the network/],
+  ['remote admin without a token', 'registry: zk://h:2181/knit\nserver: https://cp:7700\nadmin: 10.0.0.1:7701\nadmin_allow_remote: true\n', 4, /admin_allow_remote: needs admin_token_file/],
 ];
 for (const [what, text, line, re] of badAgent) {
   test(`agent config: ${what} is refused with file, line and field`, async () => {
@@ -59,8 +67,8 @@ test('server config: defaults, and bad TTLs or trust domains are refused', async
     assert.equal(c.listenPort, 7700);
     assert.equal(c.leafTtlMs, 24 * 3600_000);
   });
-  await withFile('registry: "embedded:"\nleaf_ttl: 10s\ntrust_domain: Bad.Domain\n', async (file) => {
-    await assert.rejects(loadServerConfig(file), (e: unknown) => e instanceof ConfigError && /leaf_ttl: must be at least 60000 ms/.test(e.message) && /trust_domain: .*lowercase/.test(e.message));
+  await withFile('registry: "embedded:"\nleaf_ttl: 5s\ntrust_domain: Bad.Domain\n', async (file) => {
+    await assert.rejects(loadServerConfig(file), (e: unknown) => e instanceof ConfigError && /leaf_ttl: must be at least 10000 ms/.test(e.message) && /trust_domain: .*lowercase/.test(e.message));
   });
   await assert.rejects(loadServerConfig('/nonexistent/server.yaml'), /\/nonexistent\/server\.yaml: cannot read/);
 });

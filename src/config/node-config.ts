@@ -11,6 +11,10 @@ import { parseDuration } from './duration.js';
 import { parseRegistryUrl, type RegistryUrl } from './registry-url.js';
 import { defaultNodeName } from './env.js';
 import { validateSegment, validateTrustDomain } from '../identity/spiffe.js';
+import { isLoopback } from './services.js';
+
+/** The CA's shortest leaf (identity/ca.ts MIN_LEAF_TTL_MS), repeated so that config stays free of the x509 library. */
+const MIN_LEAF_TTL_MS = 10_000;
 
 const hostPort = { type: 'string', pattern: '^(\\[[0-9a-fA-F:]+\\]|[A-Za-z0-9.-]+):\\d{1,5}$' } as const;
 const str = { type: 'string', minLength: 1 } as const;
@@ -30,6 +34,9 @@ const agentSchema = {
     advertise: str,
     bind: str,
     admin: hostPort,
+    admin_allow_remote: { type: 'boolean' },
+    admin_token_file: str,
+    allow_remote_upstreams: { type: 'boolean' },
     inbound_port_base: port,
     drain: str,
     log_level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] },
@@ -50,6 +57,7 @@ const serverSchema = {
     default_intention: { enum: ['allow', 'deny'] },
     leaf_ttl: str,
     agent_ttl: str,
+    rejoin_window: str,
     log_level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] },
   },
 } as const;
@@ -69,6 +77,10 @@ export interface AgentConfig {
   bind: string;
   adminHost: string;
   adminPort: number;
+  /** Set when the admin API may listen beyond loopback: then every call needs this bearer token. */
+  adminTokenFile?: string;
+  /** Upstreams may bind non-loopback addresses (anyone reaching them speaks as the service). */
+  allowRemoteUpstreams: boolean;
   inboundPortBase: number;
   drainMs: number;
   logLevel: string;
@@ -87,6 +99,8 @@ export interface ServerConfig {
   defaultIntention: 'allow' | 'deny';
   leafTtlMs: number;
   agentTtlMs: number;
+  /** How long after its certificate expired an agent may rejoin with its recorded key. */
+  rejoinWindowMs: number;
   logLevel: string;
 }
 
@@ -150,6 +164,11 @@ class Checker {
     }
   }
 
+  /** Records a problem on `field` (when `bad`). */
+  require(bad: boolean, field: string, message: string): void {
+    if (bad) this.add(field, message);
+  }
+
   check(field: string, fn: (v: string) => unknown): void {
     const v = this.raw[field];
     if (v === undefined) return;
@@ -175,8 +194,11 @@ export async function loadAgentConfig(file: string): Promise<AgentConfig> {
     throw new Error('an agent needs a shared registry (zk://... or consul://...); embedded: lives inside knit dev or knit server');
   });
   const drainMs = c.duration('drain', 10_000, 0);
-  c.done();
   const admin = splitHostPort((raw.admin as string | undefined) ?? '127.0.0.1:7701');
+  const remote = raw.admin_allow_remote === true;
+  c.require(!isLoopback(admin.host) && !remote, 'admin', `${admin.host} is not a loopback address: the admin API (reload, TTL check writes, state) would be open to the network; use 127.0.0.1:7701, or set admin_allow_remote: true with an admin_token_file`);
+  c.require(remote && raw.admin_token_file === undefined, 'admin_allow_remote', 'needs admin_token_file: a remote admin API requires a bearer token on every call');
+  c.done();
   const dataDir = (raw.data_dir as string | undefined) ?? '/var/lib/knit';
   return {
     file,
@@ -190,6 +212,8 @@ export async function loadAgentConfig(file: string): Promise<AgentConfig> {
     bind: (raw.bind as string | undefined) ?? '0.0.0.0',
     adminHost: admin.host,
     adminPort: admin.port,
+    adminTokenFile: remote ? (raw.admin_token_file as string) : undefined,
+    allowRemoteUpstreams: raw.allow_remote_upstreams === true,
     inboundPortBase: (raw.inbound_port_base as number | undefined) ?? 21000,
     drainMs,
     logLevel: (raw.log_level as string | undefined) ?? 'info',
@@ -203,8 +227,9 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
   c.check('name', (v) => validateSegment(v, 'server name'));
   c.check('trust_domain', validateTrustDomain);
   const registry = c.registry();
-  const leafTtlMs = c.duration('leaf_ttl', 24 * 3600_000, 60_000);
-  const agentTtlMs = c.duration('agent_ttl', 72 * 3600_000, 60_000);
+  const leafTtlMs = c.duration('leaf_ttl', 24 * 3600_000, MIN_LEAF_TTL_MS);
+  const agentTtlMs = c.duration('agent_ttl', 72 * 3600_000, MIN_LEAF_TTL_MS);
+  const rejoinWindowMs = c.duration('rejoin_window', 30 * 24 * 3600_000, 0);
   c.done();
   const listen = splitHostPort((raw.listen as string | undefined) ?? '0.0.0.0:7700');
   return {
@@ -219,6 +244,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     defaultIntention: (raw.default_intention as 'allow' | 'deny' | undefined) ?? 'deny',
     leafTtlMs,
     agentTtlMs,
+    rejoinWindowMs,
     logLevel: (raw.log_level as string | undefined) ?? 'info',
   };
 }

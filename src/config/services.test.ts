@@ -111,3 +111,13 @@ test('durations parse the Go forms Consul uses', () => {
   assert.equal(parseDuration('s'), undefined);
   assert.equal(parseDuration(''), undefined);
 });
+
+test('an upstream on a non-loopback address is refused with file, line and field unless the agent allows it', () => {
+  const text = '{\n "service": { "name": "web", "connect": { "sidecar_service": { "proxy": {\n  "upstreams": [{ "destination_name": "api", "local_bind_port": 9191,\n   "local_bind_address": "0.0.0.0" }] } } } }\n}';
+  const r = parseServiceFiles([{ file: 'web.json', text }]);
+  assert.equal(r.services.length, 0);
+  assert.deepEqual(r.problems.map((p) => [p.file, p.line, p.field]), [['web.json', 4, 'service.connect.sidecar_service.proxy.upstreams[0].local_bind_address']]);
+  assert.match(r.problems[0]!.message, /0\.0\.0\.0 is not a loopback address: anyone who can reach it would speak as web; bind 127\.0\.0\.1, or set allow_remote_upstreams: true in agent\.yaml/);
+  assert.deepEqual(parseServiceFiles([{ file: 'web.json', text }], { allowRemoteUpstreams: true }).problems, []);
+  assert.deepEqual(parseServiceFiles([{ file: 'web.json', text: text.replace('0.0.0.0', '127.0.0.2') }]).problems, []);
+});

@@ -176,6 +176,22 @@ interface Ctx {
   doc: LocatedDocument;
   problems: FileProblem[];
   warnings: FileProblem[];
+  opts: LoadOptions;
+}
+
+/** How strictly service files are read; the agent config decides. */
+export interface LoadOptions {
+  /**
+   * Let an upstream bind a non-loopback address (agent.yaml
+   * `allow_remote_upstreams: true`). Off by default: whoever can reach an
+   * upstream's port speaks with the service's identity.
+   */
+  allowRemoteUpstreams?: boolean;
+}
+
+/** True for addresses only this host can reach. */
+export function isLoopback(host: string): boolean {
+  return /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host) || host === '::1' || host === 'localhost';
 }
 
 function problem(ctx: Ctx, path: Array<string | number>, message: string, warn = false): void {
@@ -289,6 +305,9 @@ function normaliseService(ctx: Ctx, raw: Raw, path: Array<string | number>): Ser
       localBindPort: u.local_bind_port as number,
     };
     const at = [...proxyPath, 'upstreams', i];
+    if (!isLoopback(up.localBindAddress) && !ctx.opts.allowRemoteUpstreams) {
+      problem(ctx, [...at, 'local_bind_address'], `${up.localBindAddress} is not a loopback address: anyone who can reach it would speak as ${name}; bind 127.0.0.1, or set allow_remote_upstreams: true in agent.yaml`);
+    }
     if (up.destinationName === name) problem(ctx, [...at, 'destination_name'], `an upstream to the service itself ("${name}") is not allowed`);
     else {
       try {
@@ -335,7 +354,7 @@ export interface LoadResult {
 }
 
 /** Parses one file's text; `file` is used for messages and to pick JSON or YAML. */
-export function parseServiceFile(file: string, text: string): LoadResult & { located: Array<Located<ServiceDefinition>>; upstreamsAt: Array<Located<Upstream>> } {
+export function parseServiceFile(file: string, text: string, opts: LoadOptions = {}): LoadResult & { located: Array<Located<ServiceDefinition>>; upstreamsAt: Array<Located<Upstream>> } {
   const { doc, problems } = parseLocated(file, text);
   const result = { services: [] as ServiceDefinition[], problems, warnings: [] as FileProblem[], files: [file], located: [] as Array<Located<ServiceDefinition>>, upstreamsAt: [] as Array<Located<Upstream>> };
   if (!doc) return result;
@@ -346,7 +365,7 @@ export function parseServiceFile(file: string, text: string): LoadResult & { loc
   }
   const value = doc.value as { service?: Raw; services?: Raw[] };
   const entries: Array<[Raw, Array<string | number>]> = value.service ? [[value.service, ['service']]] : (value.services ?? []).map((s, i) => [s, ['services', i]]);
-  const ctx: Ctx = { doc, problems: result.problems, warnings: result.warnings };
+  const ctx: Ctx = { doc, problems: result.problems, warnings: result.warnings, opts };
   for (const [raw, path] of entries) {
     const svc = normaliseService(ctx, raw, path);
     if (!svc) continue;
@@ -370,12 +389,12 @@ export async function listServiceFiles(dir: string): Promise<string[]> {
 }
 
 /** Loads and cross-checks several files' texts (ids unique, one upstream per local port). */
-export function parseServiceFiles(files: Array<{ file: string; text: string }>): LoadResult {
+export function parseServiceFiles(files: Array<{ file: string; text: string }>, opts: LoadOptions = {}): LoadResult {
   const out: LoadResult = { services: [], problems: [], warnings: [], files: [] };
   const ids = new Map<string, Located<ServiceDefinition>>();
   const ports = new Map<string, Located<Upstream>>();
   for (const { file, text } of files) {
-    const r = parseServiceFile(file, text);
+    const r = parseServiceFile(file, text, opts);
     out.files.push(file);
     out.problems.push(...r.problems);
     out.warnings.push(...r.warnings);
@@ -401,15 +420,15 @@ export function parseServiceFiles(files: Array<{ file: string; text: string }>):
 }
 
 /** Reads a directory (or one file) and returns everything valid plus every problem. */
-export async function loadServices(dirOrFile: string, isFile = false): Promise<LoadResult> {
-  const files = isFile ? [dirOrFile] : await listServiceFiles(dirOrFile);
+export async function loadServices(dirOrFile: string, opts: LoadOptions & { isFile?: boolean } = {}): Promise<LoadResult> {
+  const files = opts.isFile ? [dirOrFile] : await listServiceFiles(dirOrFile);
   const texts = await Promise.all(files.map(async (file) => ({ file, text: await readFile(file, 'utf8') })));
-  return parseServiceFiles(texts);
+  return parseServiceFiles(texts, opts);
 }
 
 /** Loads and throws a ConfigError listing every problem when any file is bad. */
-export async function loadServicesStrict(dir: string): Promise<LoadResult> {
-  const r = await loadServices(dir);
+export async function loadServicesStrict(dir: string, opts: LoadOptions = {}): Promise<LoadResult> {
+  const r = await loadServices(dir, opts);
   if (r.problems.length) throw new ConfigError(r.problems);
   return r;
 }

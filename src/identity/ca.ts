@@ -8,7 +8,7 @@
  * critical KeyUsage digitalSignature only, EKU serverAuth + clientAuth,
  * clamped to the root's expiry.
  */
-import { randomBytes } from 'node:crypto';
+import { createPublicKey, randomBytes } from 'node:crypto';
 import { isIP } from 'node:net';
 import { KnitError } from '../errors.js';
 import { trustDomainId, type SpiffeId } from './spiffe.js';
@@ -18,8 +18,11 @@ export const ROOT_TTL_MS = 10 * 365 * 24 * 3600 * 1000;
 export const DEFAULT_LEAF_TTL_MS = 24 * 3600 * 1000;
 /** Backdating absorbs clock skew between hosts (Linkerd allows 20 s; a minute costs nothing). */
 const BACKDATE_MS = 60_000;
-/** Shortest leaf the CA signs: below this, renewal churn outweighs any benefit. */
-const MIN_LEAF_TTL_MS = 60_000;
+/**
+ * Shortest leaf the CA signs: below this, renewal churn outweighs any
+ * benefit. Ten seconds lets a test watch a certificate expire; fleets use hours.
+ */
+export const MIN_LEAF_TTL_MS = 10_000;
 
 /** What a CA persists: its certificate and its private key (to be written 0600). */
 export interface CaMaterial {
@@ -152,6 +155,20 @@ export class CertificateAuthority {
     });
     return { certPem: leaf.toString('pem'), chainPem: [], notAfter };
   }
+}
+
+/** What the control plane reads from a CSR before deciding: its key (SPKI PEM) and the URI it asks for. */
+export function csrInfo(csrPem: string): { publicKey: string; uri?: string } {
+  let csr: x509.Pkcs10CertificateRequest;
+  try {
+    csr = new x509.Pkcs10CertificateRequest(csrPem);
+  } catch (e) {
+    throw new KnitError('KNIT_ERR_CA', `not a PEM PKCS#10 CSR: ${(e as Error).message}`, { cause: e });
+  }
+  const der = Buffer.from(csr.publicKey.rawData);
+  const publicKey = createPublicKey({ key: der, format: 'der', type: 'spki' }).export({ type: 'spki', format: 'pem' }).toString();
+  const san = csr.extensions.find((e): e is x509.SubjectAlternativeNameExtension => e instanceof x509.SubjectAlternativeNameExtension);
+  return { publicKey, uri: san?.names.items.find((n) => n.type === 'url')?.value };
 }
 
 /** Makes an agent-side key and a CSR for `id`; the private key never leaves the caller. */

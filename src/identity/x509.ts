@@ -6,7 +6,7 @@
  */
 // @peculiar/x509 resolves its parsers through tsyringe, which needs the Reflect metadata polyfill.
 import 'reflect-metadata';
-import { createHash, webcrypto } from 'node:crypto';
+import { createHash, webcrypto, X509Certificate as NodeX509Certificate } from 'node:crypto';
 import * as x509 from '@peculiar/x509';
 import { KnitError } from '../errors.js';
 import { parseSpiffeId, type SpiffeId } from './spiffe.js';
@@ -59,6 +59,66 @@ export interface CertInfo {
   eku: string[];
   /** SHA-256 of the DER, hex. */
   fingerprint: string;
+  /**
+   * Every KeyUsage bit set, by its RFC 5280 name (`digitalSignature`,
+   * `keyAgreement`, `keyEncipherment`, ...); empty when the extension is
+   * absent (then `keyUsage` is undefined). A list beside `keyUsage`, not
+   * more fields in it, so that code comparing `keyUsage` whole keeps working.
+   */
+  keyUsages: KeyUsageName[];
+  /** The subject's public key: algorithm and size, as node:crypto reads them. */
+  publicKey: PublicKeyInfo;
+}
+
+/** RFC 5280 KeyUsage bit names. */
+export type KeyUsageName = 'digitalSignature' | 'nonRepudiation' | 'keyEncipherment' | 'dataEncipherment' | 'keyAgreement' | 'keyCertSign' | 'cRLSign' | 'encipherOnly' | 'decipherOnly';
+
+const KEY_USAGE_BITS: ReadonlyArray<[KeyUsageName, number]> = [
+  ['digitalSignature', x509.KeyUsageFlags.digitalSignature],
+  ['nonRepudiation', x509.KeyUsageFlags.nonRepudiation],
+  ['keyEncipherment', x509.KeyUsageFlags.keyEncipherment],
+  ['dataEncipherment', x509.KeyUsageFlags.dataEncipherment],
+  ['keyAgreement', x509.KeyUsageFlags.keyAgreement],
+  ['keyCertSign', x509.KeyUsageFlags.keyCertSign],
+  ['cRLSign', x509.KeyUsageFlags.cRLSign],
+  ['encipherOnly', x509.KeyUsageFlags.encipherOnly],
+  ['decipherOnly', x509.KeyUsageFlags.decipherOnly],
+];
+
+/** A certificate's public key, enough to decide whether knit accepts it. */
+export interface PublicKeyInfo {
+  /** node:crypto's `asymmetricKeyType`: 'ec', 'rsa', 'rsa-pss', 'ed25519', ...; 'unknown' if node cannot read it. */
+  type: string;
+  /** For EC keys, the NIST name when there is one ('P-256', 'P-384', 'P-521'), else OpenSSL's curve name. */
+  curve?: string;
+  /** Key size in bits: the RSA modulus length, or the EC curve's field size. */
+  bits?: number;
+  /** A short label for messages: 'EC P-256', 'RSA-1024', 'ed25519'. */
+  label: string;
+}
+
+/** OpenSSL's curve names (as node reports them) to NIST names and sizes. */
+const CURVES: Record<string, [string, number]> = {
+  prime256v1: ['P-256', 256],
+  secp384r1: ['P-384', 384],
+  secp521r1: ['P-521', 521],
+};
+
+/** Reads the key type and size with node:crypto, which knows every algorithm OpenSSL does. */
+function publicKeyInfo(der: Buffer): PublicKeyInfo {
+  try {
+    const key = new NodeX509Certificate(der).publicKey;
+    const type = key.asymmetricKeyType ?? 'unknown';
+    const d = key.asymmetricKeyDetails ?? {};
+    if (type === 'ec') {
+      const [curve, bits] = CURVES[d.namedCurve ?? ''] ?? [d.namedCurve ?? 'unknown curve', undefined];
+      return { type, curve, bits, label: `EC ${curve}` };
+    }
+    if (type === 'rsa' || type === 'rsa-pss') return { type, bits: d.modulusLength, label: `${type.toUpperCase()}-${d.modulusLength ?? '?'}` };
+    return { type, label: type };
+  } catch {
+    return { type: 'unknown', label: 'unknown key type' };
+  }
 }
 
 const OID_SERVER_AUTH = '1.3.6.1.5.5.7.3.1';
@@ -103,6 +163,8 @@ export function certInfo(pem: string): CertInfo {
     } : undefined,
     eku: eku ? Array.from(eku.usages, String) : [],
     fingerprint: createHash('sha256').update(Buffer.from(c.rawData)).digest('hex'),
+    keyUsages: ku ? KEY_USAGE_BITS.filter(([, bit]) => (ku.usages & bit) !== 0).map(([name]) => name) : [],
+    publicKey: publicKeyInfo(Buffer.from(c.rawData)),
   };
 }
 

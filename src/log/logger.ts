@@ -26,6 +26,18 @@ export const EVENTS = {
   endpointsChanged: 'endpoints.changed',
   listening: 'listening',
   registryError: 'registry.error',
+  processUnhandledRejection: 'process.unhandled_rejection',
+  processUncaughtException: 'process.uncaught_exception',
+  documentRefused: 'registry.document_refused',
+  tokenCreated: 'token.created',
+  nodeEnrolled: 'node.enrolled',
+  nodeRejoined: 'node.rejoined',
+  nodeChanged: 'node.changed',
+  nodeRevoked: 'node.revoked',
+  rejoinRefused: 'node.rejoin_refused',
+  signRefused: 'cert.sign_refused',
+  certWaiting: 'cert.waiting',
+  nodesChanged: 'nodes.changed',
 } as const;
 
 export interface LoggerOptions {

@@ -163,6 +163,8 @@ test('outbound refuses a server that proves another identity, and fails fast wit
   const s = await dialPlain(outboundPort);
   await assert.rejects(roundTrip(s, 'x'));
   assert.equal(metrics.get('knit_outbound_connections_total', { service: 'web', upstream: 'api', result: 'identity' }), 1);
+  const why = `server is spiffe://${pki.trustDomain}/ns/default/svc/db, expected spiffe://${pki.trustDomain}/ns/default/svc/api`;
+  assert.equal(metrics.get('knit_outbound_rejected_total', { service: 'web', upstream: 'api', reason: why }), 1);
   await impostor.close();
 
   outbound.setEndpoints([]);

@@ -65,7 +65,10 @@ export function isRoutable(i: Pick<Instance, 'health'>): boolean {
  * Methods reject with KnitError: KNIT_ERR_REGISTRY_UNAVAILABLE when the
  * backend cannot be reached (retryable), KNIT_ERR_CAS_CONFLICT when a
  * compare-and-set loses, KNIT_ERR_NOT_FOUND for an unknown instance,
- * KNIT_ERR_CLOSED after close().
+ * KNIT_ERR_REGISTRY_DENIED when the backend refuses the operation to this
+ * client's credential (a protected ZooKeeper tree: only knit server writes
+ * KV, only agents and knit server write instances), KNIT_ERR_CLOSED after
+ * close().
  */
 export interface Registry {
   /** Backend name for messages: `embedded`, `zookeeper`, `consul`. */
@@ -85,6 +88,19 @@ export interface Registry {
 
   /** Removes an instance this client registered; resolves also if it is already gone. */
   deregister(id: string): Promise<void>;
+
+  /**
+   * Removes instance `id` of `service` whichever client registered it: the
+   * control plane's `knit node revoke`. Resolves also if it is absent (an
+   * `id` registered under another service is left alone). Watchers see it
+   * go. The owner is not told and keeps counting the instance as its own, so
+   * a live owner may write it again (the ZooKeeper backend re-creates it on
+   * the owner's next health change or session recovery): revoking a node
+   * must also take the owner's identity away. Rejects
+   * KNIT_ERR_REGISTRY_DENIED when the backend keeps this to the control
+   * plane and this client is not it (ZooKeeper: the server credential).
+   */
+  evict(service: string, id: string): Promise<void>;
 
   /** Every instance of a service, whatever its health, sorted by id. */
   instances(service: string): Promise<Instance[]>;

@@ -56,11 +56,10 @@ export function controlPlaneRoutes(cp: ControlPlane): Route[] {
         const b = req.body as { default?: unknown; intentions?: unknown } | undefined;
         if (!Array.isArray(b?.intentions)) throw new KnitError('KNIT_ERR_BAD_REQUEST', '"intentions" must be a list');
         const list = (b.intentions as Array<Record<string, unknown>>).map((x) => ({ source: field(x, 'source'), destination: field(x, 'destination'), action: action(x.action) }));
-        await cp.intentions.update((cur) => {
-          const next = { defaultAction: b.default === undefined ? cur.defaultAction : action(b.default), intentions: list };
-          compile(next);
-          return next;
-        });
+        // A whole replacement, written even over a document the control plane did not sign (the way to put that right);
+        // only a file without a default needs the stored one.
+        const defaultAction = b.default === undefined ? ((await cp.intentions.read()).set?.defaultAction ?? 'deny') : action(b.default);
+        await cp.intentions.replace({ defaultAction, intentions: list });
         return { json: await view() };
       },
     },

@@ -1,14 +1,18 @@
 /**
  * The inbound proxy of one local service: an mTLS listener that only
- * accepts peers whose certificate chains to the trust bundle, reads the
- * peer's SPIFFE ID, asks the policy, and pipes allowed connections to the
- * application on this host.
+ * accepts peers whose certificate chains to the trust bundle and is a
+ * valid X.509-SVID for a client (see ../tls.ts), reads the peer's SPIFFE
+ * ID, asks the policy, and pipes allowed connections to the application on
+ * this host.
  *
- *   accept (TLS, client cert required) -> identify -> authorize -> forward
+ *   accept (TLS, client cert required) -> verify chain -> identify -> authorize -> forward
  *
- * Every refusal is closed at once, logged with its reason and counted.
- * Open connections are re-authorized when intentions change, and the
- * ones now denied are closed.
+ * Identify compares the whole ID: trust domain, namespace and service; the
+ * policy then sees only service names, so a `web -> api` intention can never
+ * be met by `web` from another namespace. Every refusal is closed at once,
+ * logged with its reason (OpenSSL's code or knit's SVID rule) and counted
+ * in `knit_inbound_rejected_total{reason}`. Open connections are
+ * re-authorized when intentions change, and the ones now denied are closed.
  */
 import tls, { type TLSSocket } from 'node:tls';
 import net, { type Socket } from 'node:net';
@@ -18,7 +22,7 @@ import type { Metrics } from '../../log/metrics.js';
 import { KnitError } from '../../errors.js';
 import type { SpiffeId } from '../../identity/spiffe.js';
 import type { Decision } from '../../policy/intentions.js';
-import { PeerIdentityReader, tlsOptions, type ServiceTls } from '../tls.js';
+import { PeerIdentityReader, peerChainVerdict, tlsOptions, verdictDetail, type ServiceTls } from '../tls.js';
 import { reset, splice } from '../splice.js';
 
 /** Dials the local application; injectable for tests and for transparent mode. */
@@ -28,6 +32,12 @@ export interface InboundOptions {
   /** The local service this listener fronts (the destination of every connection). */
   service: string;
   trustDomain: string;
+  /**
+   * The namespace whose services may call this one; a peer service ID from
+   * any other namespace is refused before the policy is asked. 'default'
+   * unless told.
+   */
+  namespace?: string;
   listenHost: string;
   /** 0 picks a free port. */
   listenPort: number;
@@ -54,7 +64,12 @@ const M_CONN_HELP = 'Inbound mesh connections by decision and the rule that made
 const M_REJECT = 'knit_inbound_rejected_total';
 const M_REJECT_HELP = 'Inbound connections refused before authorization (TLS or identity), by reason';
 
-/** Classifies an OpenSSL handshake error into a short reason users can act on. */
+/**
+ * Classifies an OpenSSL handshake error (a handshake that did not finish,
+ * `tlsClientError`) into a short reason users can act on. Certificate
+ * verification failures do not come here: the handshake finishes and
+ * `peerChainVerdict` names them.
+ */
 export function handshakeReason(err: Error & { code?: string }): string {
   const m = `${err.code ?? ''} ${err.message}`;
   if (/PEER_DID_NOT_RETURN_A_CERTIFICATE|certificate required/i.test(m)) return 'no client certificate';
@@ -73,10 +88,12 @@ export class InboundProxy {
   private readonly open = new Set<Open>();
   private readonly peers = new PeerIdentityReader();
   private readonly dial: Dial;
+  private readonly namespace: string;
   private authorizeFn: (source: SpiffeId) => Decision;
 
   constructor(private readonly o: InboundOptions) {
     this.dial = o.dial ?? ((host, port) => net.connect({ host, port }));
+    this.namespace = o.namespace ?? 'default';
     this.authorizeFn = o.authorize;
     // A server takes its material as options (a `secureContext` option is ignored
     // for the server's own certificate); renewals go through setSecureContext.
@@ -130,29 +147,33 @@ export class InboundProxy {
     return this.open.size;
   }
 
-  private reject(s: Socket | TLSSocket, reason: string, extra: Record<string, unknown> = {}): void {
+  /** Counts `reason` (a short fixed phrase), logs it with `detail` (e.g. OpenSSL's code and message) appended. */
+  private reject(s: Socket | TLSSocket, reason: string, extra: Record<string, unknown> = {}, detail = ''): void {
     this.o.metrics.inc(M_REJECT, M_REJECT_HELP, { service: this.o.service, reason });
-    this.o.log.warn({ event: EVENTS.connRejected, service: this.o.service, remote: `${s.remoteAddress}:${s.remotePort}`, reason, ...extra }, `refused inbound connection to ${this.o.service}: ${reason}`);
+    this.o.log.warn({ event: EVENTS.connRejected, service: this.o.service, remote: `${s.remoteAddress}:${s.remotePort}`, reason, ...extra }, `refused inbound connection to ${this.o.service}: ${reason}${detail}`);
     s.destroy();
   }
 
   private accept(socket: TLSSocket): void {
     socket.on('error', () => undefined);
-    if (!socket.authorized) {
-      const code = String(socket.authorizationError ?? 'unknown');
-      const noCert = !socket.getPeerX509Certificate();
-      return this.reject(socket, noCert ? 'no client certificate' : handshakeReason(Object.assign(new Error(code), { code })));
+    // verify chain: OpenSSL's verdict against the trust bundle, with its own code
+    const chain = peerChainVerdict(socket, 'client');
+    if (!chain.ok) {
+      const { text, ...fields } = verdictDetail(chain);
+      return this.reject(socket, chain.reason, fields, text);
     }
-    // identify
-    const peer = this.peers.read(socket, this.o.trustDomain);
+    // identify: an X.509-SVID for a client, a service of our trust domain and namespace
+    const peer = this.peers.read(socket, this.o.trustDomain, 'client');
     if (!peer.ok) return this.reject(socket, peer.reason);
-    if (peer.id.what.kind !== 'service') return this.reject(socket, `peer ${peer.id.uri} is not a service identity`);
+    const what = peer.id.what;
+    if (what.kind !== 'service') return this.reject(socket, `peer ${peer.id.uri} is not a service identity`);
+    if (what.namespace !== this.namespace) return this.reject(socket, `peer ${peer.id.uri} is in namespace ${what.namespace}, ${this.o.service} accepts only namespace ${this.namespace}`);
     // authorize
     const d = this.authorizeFn(peer.id);
-    const labels = { service: this.o.service, source: peer.id.what.service, decision: d.allow ? 'allow' : 'deny', rule: d.rule };
+    const labels = { service: this.o.service, source: what.service, decision: d.allow ? 'allow' : 'deny', rule: d.rule };
     this.o.metrics.inc(M_CONN, M_CONN_HELP, labels);
     if (!d.allow) {
-      this.o.log.warn({ event: EVENTS.connDenied, service: this.o.service, source: peer.id.uri, rule: d.rule }, `denied ${peer.id.what.service} -> ${this.o.service}: ${d.rule}`);
+      this.o.log.warn({ event: EVENTS.connDenied, service: this.o.service, source: peer.id.uri, rule: d.rule }, `denied ${what.service} -> ${this.o.service}: ${d.rule}`);
       socket.destroy();
       return;
     }

@@ -4,7 +4,15 @@
  * connection over mTLS to a healthy instance of the destination, picked
  * round-robin. The server must prove the destination's SPIFFE ID.
  *
- *   accept -> route (pick endpoint) -> tls connect + verify identity -> forward
+ *   accept -> route (pick endpoint) -> tls connect -> verify chain + SVID + ID -> forward
+ *
+ * The TLS client lets the handshake finish (`rejectUnauthorized: false`)
+ * and knit decides before any byte of the application's data is sent, so a
+ * server that fails on identity (a chain that does not reach the trust
+ * bundle, an expired leaf, a leaf that is not a valid X.509-SVID for a
+ * server, or another ID than `spiffe://<td>/ns/<ns>/svc/<destination>`) is
+ * a refusal of that endpoint, counted as result `identity` with its reason
+ * in `knit_outbound_rejected_total{reason}`, not a "cannot reach".
  *
  * No healthy endpoint, a refused dial or a wrong identity resets the
  * application's connection at once: it fails fast, it does not hang.
@@ -17,7 +25,7 @@ import type { Metrics } from '../../log/metrics.js';
 import { KnitError } from '../../errors.js';
 import { serviceId } from '../../identity/spiffe.js';
 import type { Instance } from '../../registry/registry.js';
-import { PeerIdentityReader, secureContext, type ServiceTls } from '../tls.js';
+import { PeerIdentityReader, peerChainVerdict, secureContext, verdictDetail, type ChainVerdict, type ServiceTls } from '../tls.js';
 import { reset, splice } from '../splice.js';
 
 export interface OutboundOptions {
@@ -38,6 +46,28 @@ export interface OutboundOptions {
 
 const M_CONN = 'knit_outbound_connections_total';
 const M_HELP = 'Outbound mesh connections by result';
+const M_REJECT = 'knit_outbound_rejected_total';
+const M_REJECT_HELP = 'Outbound connections refused because the endpoint failed on identity (chain, expiry, SVID shape, ID), by reason';
+
+/** A server whose identity was refused: no retry on another endpoint hides it, and the reason is counted. */
+class IdentityRefused extends KnitError {
+  /** OpenSSL's code and message, for the log line. */
+  readonly detail: { verifyCode?: string; openssl?: string; text: string };
+  constructor(readonly reason: string, chain?: ChainVerdict) {
+    const detail = chain ? verdictDetail(chain) : { text: '' };
+    super('KNIT_ERR_CERT', `${reason}${detail.text}`);
+    this.detail = detail;
+  }
+}
+
+/** A TLS session ticket and what its full handshake proved. */
+interface Session {
+  ticket: Buffer;
+  /** The server's verified SPIFFE ID. */
+  peer: string;
+  /** The server leaf's expiry: a ticket is not used past it, as a resumed handshake shows no certificate to re-check. */
+  notAfter: number;
+}
 
 /** One upstream listener. */
 export class OutboundProxy {
@@ -54,9 +84,10 @@ export class OutboundProxy {
    * the ticket. A resumed session shows the client no certificate, so the
    * server identity proven in the full handshake is kept with the ticket:
    * only the server that holds that session's secret can resume it.
-   * Dropped on renewal so new sessions carry the new leaf.
+   * Dropped on renewal so new sessions carry the new leaf, on any refusal
+   * of the endpoint, and once the server leaf it proved has expired.
    */
-  private readonly sessions = new Map<string, { ticket: Buffer; peer: string }>();
+  private readonly sessions = new Map<string, Session>();
   private readonly expected: string;
 
   constructor(private readonly o: OutboundOptions) {
@@ -99,6 +130,19 @@ export class OutboundProxy {
     reset(app);
   }
 
+  /** An endpoint that failed on identity: counted as `identity` with its reason, logged as a refusal of that endpoint. */
+  private refuse(app: Socket, ep: Instance, e: IdentityRefused): void {
+    const endpoint = `${ep.address}:${ep.port}`;
+    this.o.metrics.inc(M_CONN, M_HELP, { service: this.o.source, upstream: this.o.destination, result: 'identity' });
+    this.o.metrics.inc(M_REJECT, M_REJECT_HELP, { service: this.o.source, upstream: this.o.destination, reason: e.reason });
+    const { text, ...fields } = e.detail;
+    this.o.log.warn(
+      { event: EVENTS.connRejected, service: this.o.source, upstream: this.o.destination, result: 'identity', endpoint, instance: ep.id, reason: e.reason, ...fields },
+      `refusing ${this.o.destination} endpoint ${endpoint}: ${e.reason}${text}`,
+    );
+    reset(app);
+  }
+
   private async handle(app: Socket): Promise<void> {
     app.on('error', () => undefined);
     const eps = this.endpoints;
@@ -120,7 +164,7 @@ export class OutboundProxy {
         return;
       } catch (e) {
         lastErr = `${ep.address}:${ep.port}: ${(e as Error).message}`;
-        if (e instanceof KnitError && e.code === 'KNIT_ERR_CERT') return this.fail(app, 'identity', `refusing ${ep.address}:${ep.port}: ${e.message}`);
+        if (e instanceof IdentityRefused) return this.refuse(app, ep, e);
       }
     }
     this.fail(app, 'connect_error', `cannot reach ${this.o.destination}: ${lastErr}`);
@@ -130,12 +174,19 @@ export class OutboundProxy {
     return new Promise((resolve, reject) => {
       const key = `${ep.address}:${ep.port}`;
       const ctx = this.ctx;
+      let cached = this.sessions.get(key);
+      if (cached && cached.notAfter <= Date.now()) {
+        this.sessions.delete(key);
+        cached = undefined;
+      }
       const s = tls.connect({
         host: ep.address,
         port: ep.port,
         secureContext: ctx,
-        session: this.sessions.get(key)?.ticket,
-        rejectUnauthorized: true,
+        session: cached?.ticket,
+        // OpenSSL still verifies the chain; knit reads its verdict on secureConnect (verifyServer),
+        // so that a failure is an identity refusal with OpenSSL's reason, not a socket error.
+        rejectUnauthorized: false,
         minVersion: 'TLSv1.3',
         // Identity is a SPIFFE URI, checked below; Node's check only knows DNS names.
         checkServerIdentity: () => undefined,
@@ -145,9 +196,9 @@ export class OutboundProxy {
         s.destroy();
         reject(new KnitError('KNIT_ERR_TIMEOUT', `connect timed out after ${this.o.connectTimeoutMs ?? 5000} ms`));
       }, this.o.connectTimeoutMs ?? 5000);
-      let verified: string | undefined;
+      let verified: { peer: string; notAfter: number } | undefined;
       s.on('session', (ticket: Buffer) => {
-        if (verified && ctx === this.ctx) this.sessions.set(key, { ticket, peer: verified });
+        if (verified && ctx === this.ctx) this.sessions.set(key, { ticket, ...verified });
       });
       s.once('error', (e: Error) => {
         clearTimeout(timer);
@@ -156,21 +207,41 @@ export class OutboundProxy {
       });
       s.once('secureConnect', () => {
         clearTimeout(timer);
-        const resumed = s.isSessionReused() ? this.sessions.get(key)?.peer : undefined;
-        const peer = resumed ? ({ ok: true, uri: resumed } as const) : this.peers.read(s, this.o.trustDomain);
-        const uri = peer.ok ? ('uri' in peer ? peer.uri : peer.id.uri) : undefined;
-        if (!peer.ok || uri !== this.expected) {
+        // Nothing has been written to `s` yet: the application's socket is still paused and not piped.
+        const v = this.verifyServer(s, cached);
+        if (v instanceof IdentityRefused) {
           this.sessions.delete(key);
           s.destroy();
-          reject(new KnitError('KNIT_ERR_CERT', peer.ok ? `server is ${uri}, expected ${this.expected}` : peer.reason));
+          reject(v);
           return;
         }
-        verified = uri;
+        verified = v;
         s.removeAllListeners('error');
         s.on('error', () => undefined);
         resolve(s);
       });
     });
+  }
+
+  /**
+   * Whether the server just handshaken with is the destination: OpenSSL's
+   * verdict on its chain, its leaf as an X.509-SVID for a server, and its ID
+   * equal to the expected URI in full (trust domain, namespace, service).
+   * A resumed session shows no certificate; it was verified in the full
+   * handshake that issued its ticket, whose proven ID came with the ticket.
+   */
+  private verifyServer(s: TLSSocket, cached: Session | undefined): { peer: string; notAfter: number } | IdentityRefused {
+    // OpenSSL keeps the full handshake's verify result with a session, so a resumed one must still be `authorized`.
+    const chain = peerChainVerdict(s, 'server');
+    if (!chain.ok) return new IdentityRefused(chain.reason, chain);
+    if (s.isSessionReused() && cached) {
+      if (cached.peer !== this.expected) return new IdentityRefused(`server is ${cached.peer}, expected ${this.expected}`);
+      return { peer: cached.peer, notAfter: cached.notAfter };
+    }
+    const peer = this.peers.read(s, this.o.trustDomain, 'server');
+    if (!peer.ok) return new IdentityRefused(peer.reason);
+    if (peer.id.uri !== this.expected) return new IdentityRefused(`server is ${peer.id.uri}, expected ${this.expected}`);
+    return { peer: peer.id.uri, notAfter: peer.notAfter.getTime() };
   }
 
   async close(drainMs = 0): Promise<void> {

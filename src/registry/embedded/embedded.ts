@@ -114,6 +114,14 @@ export class EmbeddedStore {
     this.notifyService(cur.instance.service);
   }
 
+  /** @internal Removes an instance whoever owns it, when it belongs to `service`. */
+  evict(service: string, id: string): void {
+    const cur = this.instances.get(id);
+    if (!cur || cur.instance.service !== service) return;
+    this.instances.delete(id);
+    this.notifyService(service);
+  }
+
   /** @internal */
   removeOwner(owner: number): void {
     for (const [id, o] of [...this.instances]) if (o.owner === owner) this.remove(owner, id);
@@ -249,6 +257,11 @@ class EmbeddedClient implements Registry {
   async deregister(id: string): Promise<void> {
     this.live();
     this.store.remove(this.owner, id);
+  }
+  /** The embedded store has no credentials: every client lives in the one process that holds it, so any may evict. */
+  async evict(service: string, id: string): Promise<void> {
+    this.live();
+    this.store.evict(service, id);
   }
   async instances(service: string): Promise<Instance[]> {
     this.live();

@@ -4,6 +4,7 @@
  *
  *   <root>/services/<service>/<instance id, URI-encoded>   ephemeral, JSON Instance
  *   <root>/kv/<key, URI-encoded>                             persistent, the value
+ *   <root>/server-id                                         JSON { server: [digest id] }
  *
  * An instance is an ephemeral znode of this client's session, so an agent
  * that dies disappears with its session. Watches are one-shot in ZooKeeper:
@@ -15,10 +16,32 @@
  *
  * KV versions are the znode's data version plus one (ZooKeeper starts at
  * 0), so 0 can keep meaning "does not exist".
+ *
+ * Access. Without credentials a client writes everything open
+ * (world:anyone ALL), as knit always did; on a protected tree it can still
+ * read, and its writes reject KNIT_ERR_REGISTRY_DENIED. With digest
+ * credentials (ids are `user:base64(sha1(user:password))`, see digestId):
+ *
+ *   znode                        server  agent    world
+ *   <root>, kv, kv/<key>         ALL     -        READ
+ *   kv/tokens%2F*, kv/nodes%2F*  ALL     -        -
+ *   services                     ALL     CR       READ
+ *   services/<service>           ALL     CDR      READ
+ *   services/<service>/<id>      ALL     ALL      READ
+ *   server-id                    ALL     R        -
+ *
+ * The server role creates this tree, and on every connect sets these ACLs
+ * where they differ (migrating an open tree, or a new agent credential) and
+ * closes instance znodes still writable by the world. The agent role puts
+ * the server's id on what it creates; ZooKeeper shows digest ids in an ACL
+ * only to clients with ADMIN on the node (others read `user:x`), so the
+ * server publishes its id in `server-id`, readable by the agent credential
+ * alone (not by the world: the hash of a weak password can be cracked).
  */
+import { createHash } from 'node:crypto';
 import zookeeper from 'node-zookeeper-client';
-import type { Client, Stat, Event as ZkEvent } from 'node-zookeeper-client';
-import { KnitError, wrapError } from '../../errors.js';
+import type { ACL as ZkAcl, Client, Stat, Event as ZkEvent } from 'node-zookeeper-client';
+import { KnitError, isKnitError, wrapError } from '../../errors.js';
 import type { Logger } from '../../log/logger.js';
 import { EVENTS } from '../../log/logger.js';
 import {
@@ -33,7 +56,16 @@ import {
   type WatchErrorHandler,
 } from '../registry.js';
 
-const { Exception, CreateMode, State } = zookeeper;
+const { Exception, CreateMode, State, ACL, Id, Permission } = zookeeper;
+
+/**
+ * A ZooKeeper digest credential and the part of knit it belongs to. The
+ * server role needs the agents' digest id (digestId of the agents'
+ * user:password) to grant it; an agent learns the server's id from the tree.
+ */
+export type ZooKeeperCredentials =
+  | { role: 'server'; user: string; password: string; agentId: string }
+  | { role: 'agent'; user: string; password: string };
 
 export interface ZooKeeperOptions {
   /** `host:port,host:port` */
@@ -44,13 +76,78 @@ export interface ZooKeeperOptions {
   log: Logger;
   /** How long to wait for the first connection before failing. */
   connectTimeoutMs?: number;
+  /** Absent: anonymous (an open tree as before, or read-only on a protected one). See the module doc. */
+  credentials?: ZooKeeperCredentials;
 }
 
+/** ZooKeeper's digest ACL id of a credential: `user:base64(sha1("user:password"))`. */
+export function digestId(user: string, password: string): string {
+  return `${user}:${createHash('sha1').update(`${user}:${password}`, 'utf8').digest('base64')}`;
+}
+
+const DIGEST_ID = /^[^:]+:[A-Za-z0-9+/]{27}=$/;
+/** KV keys that hold secrets or per-node state: no world READ. */
+const PRIVATE_KV = /^(tokens|nodes)\//;
+const SERVER_ID_NODE = 'server-id';
+
 const enc = encodeURIComponent;
+
+/** A znode name back to the key it encodes; a name knit did not write is taken as it is. */
+function safeDecode(name: string): string {
+  try {
+    return decodeURIComponent(name);
+  } catch {
+    return name;
+  }
+}
 
 function code(e: unknown): number | undefined {
   return e instanceof Exception ? e.getCode() : undefined;
 }
+
+/** @types/node-zookeeper-client calls the field `perms`; the library's ACL objects carry `permission`. */
+function permsOf(a: ZkAcl): number {
+  return (a as unknown as { permission?: number }).permission ?? a.perms;
+}
+
+function sameAcl(a: ZkAcl[], b: ZkAcl[]): boolean {
+  const key = (l: ZkAcl[]): string => l.map((x) => `${x.id.scheme}:${x.id.id}:${permsOf(x)}`).sort().join('\n');
+  return key(a) === key(b);
+}
+
+/** The ACLs a client puts on what it creates and (server role) keeps on what exists. */
+interface AclPlan {
+  root: ZkAcl[];
+  kv: ZkAcl[];
+  kvKey(key: string): ZkAcl[];
+  services: ZkAcl[];
+  serviceDir: ZkAcl[];
+  instance: ZkAcl[];
+  serverId: ZkAcl[];
+}
+
+const worldAcl = (perms: number): ZkAcl => new ACL(perms, new Id('world', 'anyone'));
+const digestAcl = (perms: number, id: string): ZkAcl => new ACL(perms, new Id('digest', id));
+
+const OPEN = [worldAcl(Permission.ALL)];
+const OPEN_PLAN: AclPlan = { root: OPEN, kv: OPEN, kvKey: () => OPEN, services: OPEN, serviceDir: OPEN, instance: OPEN, serverId: OPEN };
+
+function protectedPlan(serverIds: string[], agentId: string): AclPlan {
+  const server = serverIds.map((id) => digestAcl(Permission.ALL, id));
+  const readable = [...server, worldAcl(Permission.READ)];
+  return {
+    root: readable,
+    kv: readable,
+    kvKey: (key) => (PRIVATE_KV.test(key) ? server : readable),
+    services: [...server, digestAcl(Permission.CREATE | Permission.READ, agentId), worldAcl(Permission.READ)],
+    serviceDir: [...server, digestAcl(Permission.CREATE | Permission.DELETE | Permission.READ, agentId), worldAcl(Permission.READ)],
+    instance: [...server, digestAcl(Permission.ALL, agentId), worldAcl(Permission.READ)],
+    serverId: [...server, digestAcl(Permission.READ, agentId)],
+  };
+}
+
+/** Which credential a write needs, for the message of KNIT_ERR_REGISTRY_DENIED. */
+type Need = 'server' | 'agent';
 
 /** Arms ZooKeeper watches once per key until they fire. */
 interface Arms {
@@ -75,20 +172,57 @@ export class ZooKeeperRegistry implements Registry {
   private sessionGeneration = 0;
   private recovering: Promise<void> | undefined;
   private lostTimer: NodeJS.Timeout | undefined;
+  /** This client's own digest id, when it has credentials. */
+  private readonly ownId: string | undefined;
+  /** Set by connect(): open, or learnt/computed for the credential's role. */
+  private acl: AclPlan = OPEN_PLAN;
 
-  private constructor(private readonly o: ZooKeeperOptions) {}
+  private constructor(private readonly o: ZooKeeperOptions) {
+    const c = o.credentials;
+    if (c) {
+      if (!/^[\x21-\x39\x3b-\x7e]+$/.test(c.user)) throw new KnitError('KNIT_ERR_CONFIG', 'ZooKeeper credential: the user must be printable ASCII without spaces or ":"');
+      if (!c.password) throw new KnitError('KNIT_ERR_CONFIG', `ZooKeeper credential of ${c.user}: the password is empty`);
+      if (c.role === 'server' && !DIGEST_ID.test(c.agentId)) throw new KnitError('KNIT_ERR_CONFIG', 'ZooKeeper server credential: agentId must be a digest id user:base64(sha1(user:password)), see digestId()');
+      this.ownId = digestId(c.user, c.password);
+    }
+  }
 
-  /** Connects; rejects KNIT_ERR_REGISTRY_UNAVAILABLE naming the servers when they cannot be reached in time. */
+  /**
+   * Connects and prepares the tree for this client's role: anonymous creates
+   * what is missing, open (on a protected tree it writes nothing); the server
+   * creates and protects the tree; an agent reads the server's id. Rejects
+   * KNIT_ERR_REGISTRY_UNAVAILABLE naming the servers when they cannot be
+   * reached in time, or (agent) while knit server has not protected the tree
+   * yet; KNIT_ERR_REGISTRY_DENIED when the tree refuses this credential;
+   * KNIT_ERR_CONFIG for malformed credentials.
+   */
   static async connect(o: ZooKeeperOptions): Promise<ZooKeeperRegistry> {
     const r = new ZooKeeperRegistry(o);
     await r.openSession();
-    await r.mkdirp(`${o.root}/services`);
-    await r.mkdirp(`${o.root}/kv`);
+    try {
+      const c = o.credentials;
+      if (!c) {
+        // Exists before create: on a protected tree ZooKeeper checks the parent's CREATE before NODE_EXISTS.
+        await r.ensurePath(`${o.root}/services`, OPEN, 'server');
+        await r.ensurePath(`${o.root}/kv`, OPEN, 'server');
+      } else if (c.role === 'server') {
+        r.acl = protectedPlan([r.ownId!], c.agentId);
+        await r.protectTree();
+      } else {
+        r.acl = protectedPlan(await r.readServerIds(), r.ownId!);
+      }
+    } catch (e) {
+      await r.close();
+      throw wrapError('KNIT_ERR_REGISTRY_UNAVAILABLE', `ZooKeeper: preparing ${o.root}`, e);
+    }
     return r;
   }
 
   private async openSession(): Promise<void> {
     const client = zookeeper.createClient(this.o.servers, { sessionTimeout: this.o.sessionTimeoutMs, spinDelay: 200, retries: 1 });
+    // Before connect(): the library keeps it and sends it first on every (re)connection of this client.
+    const c = this.o.credentials;
+    if (c) client.addAuthInfo('digest', Buffer.from(`${c.user}:${c.password}`, 'utf8'));
     const timeout = this.o.connectTimeoutMs ?? 30_000;
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -125,6 +259,10 @@ export class ZooKeeperRegistry implements Registry {
         for (const w of this.watches) w.refresh();
       } else if (s === State.EXPIRED) {
         void this.recover();
+      } else if (s === State.AUTH_FAILED) {
+        // Digest authentication does not fail on a wrong password (it only yields another id);
+        // this is a malformed credential, and the library closes the connection for good.
+        this.o.log.error({ event: EVENTS.registryError, servers: this.o.servers, user: c?.user }, 'ZooKeeper refused the credential');
       }
     });
   }
@@ -153,37 +291,164 @@ export class ZooKeeperRegistry implements Registry {
     return this.recovering;
   }
 
+  /**
+   * Server role: creates the tree with its ACLs, then sets them wherever they
+   * differ, parents first so that nothing new can be created open meanwhile.
+   */
+  private async protectTree(): Promise<void> {
+    const { root } = this.o;
+    const acl = this.acl;
+    let changed = 0;
+    const keep = async (path: string, want: ZkAcl[]): Promise<void> => {
+      if (await this.enforceAcl(path, want)) changed++;
+    };
+    await this.ensurePath(root, acl.root, 'server');
+    await keep(root, acl.root);
+    const ids = Buffer.from(JSON.stringify({ server: [this.ownId] }));
+    await Promise.all([
+      this.ensurePath(`${root}/kv`, acl.kv, 'server').then(() => keep(`${root}/kv`, acl.kv)),
+      this.ensurePath(`${root}/services`, acl.services, 'server').then(() => keep(`${root}/services`, acl.services)),
+      this.ensureServerId(ids).then(() => keep(`${root}/${SERVER_ID_NODE}`, acl.serverId)),
+    ]);
+    const [keys, services] = await Promise.all([this.getChildren(`${root}/kv`), this.getChildren(`${root}/services`)]);
+    await Promise.all([
+      ...(keys ?? []).map((k) => keep(`${root}/kv/${k}`, acl.kvKey(safeDecode(k)))),
+      ...(services ?? []).map(async (s) => {
+        const dir = `${root}/services/${s}`;
+        await keep(dir, acl.serviceDir);
+        const children = (await this.getChildren(dir)) ?? [];
+        await Promise.all(
+          children.map(async (child) => {
+            // An instance an anonymous agent wrote before the tree was protected: the world may not change it any more.
+            const got = await this.getAcl(`${dir}/${child}`);
+            if (got?.some((a) => a.id.scheme === 'world' && (permsOf(a) & ~Permission.READ) !== 0)) await keep(`${dir}/${child}`, acl.instance);
+          }),
+        );
+      }),
+    ]);
+    if (changed) this.o.log.info({ root, znodes: changed }, `set knit's ACLs on ${changed} znode(s) under ${root}`);
+  }
+
+  private async ensureServerId(data: Buffer): Promise<void> {
+    const path = `${this.o.root}/${SERVER_ID_NODE}`;
+    await this.ensurePath(path, this.acl.serverId, 'server', data);
+    const cur = await this.getData(path);
+    if (cur && !cur.data.equals(data)) await this.call<Stat>('update', path, (c, cb) => c.setData(path, data, -1, cb));
+  }
+
+  /** Agent role: the server's digest id(s), which it puts on every znode it creates. */
+  private async readServerIds(): Promise<string[]> {
+    const path = `${this.o.root}/${SERVER_ID_NODE}`;
+    const user = this.o.credentials?.user;
+    let got: { data: Buffer } | undefined;
+    try {
+      got = await this.getData(path);
+    } catch (e) {
+      if (!isKnitError(e, 'KNIT_ERR_REGISTRY_DENIED')) throw e;
+      throw new KnitError(
+        'KNIT_ERR_REGISTRY_DENIED',
+        `ZooKeeper denied reading ${path} to the agent credential "${user}": knit server grants agents another credential (its agent_auth file must hold the same user:password as this agent's auth file)`,
+        { cause: e },
+      );
+    }
+    if (!got) {
+      throw new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `${this.o.root} in ZooKeeper is not protected yet (no ${path}): start knit server with auth= and agent_auth= in its registry URL; this agent waits for it`);
+    }
+    let ids: unknown;
+    try {
+      ids = (JSON.parse(got.data.toString('utf8')) as { server?: unknown }).server;
+    } catch {
+      ids = undefined;
+    }
+    if (!Array.isArray(ids) || ids.length === 0 || !ids.every((x) => typeof x === 'string' && DIGEST_ID.test(x))) {
+      throw new KnitError('KNIT_ERR_REGISTRY_DENIED', `${path} does not hold { "server": [digest ids] }: it was not written by knit server`);
+    }
+    return ids as string[];
+  }
+
   private live(): void {
     if (this.closed) throw new KnitError('KNIT_ERR_CLOSED', 'registry client is closed');
   }
 
-  /** Runs one ZooKeeper call as a promise, bounded so a lost connection cannot hang a caller. */
-  private call<T>(what: string, fn: (c: Client, cb: (err: unknown, v: T) => void) => void): Promise<T> {
+  /**
+   * Runs one ZooKeeper call as a promise, bounded so a lost connection cannot
+   * hang a caller. NO_AUTH (and AUTH_FAILED) become KNIT_ERR_REGISTRY_DENIED
+   * here, the one place, naming `op`, `path` and the credential it `need`s.
+   */
+  private call<T>(op: string, path: string, fn: (c: Client, cb: (err: unknown, v: T) => void) => void, need: Need = 'server'): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       const bound = Math.max(this.o.sessionTimeoutMs, 5000);
-      const timer = setTimeout(() => reject(new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `ZooKeeper ${what} did not answer within ${bound} ms`)), bound);
+      const timer = setTimeout(() => reject(new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `ZooKeeper ${op} ${path} did not answer within ${bound} ms`)), bound);
       fn(this.client, (err, v) => {
         clearTimeout(timer);
+        const c = code(err);
+        if (c === Exception.NO_AUTH || c === Exception.AUTH_FAILED) reject(this.denied(op, path, need, err));
         // ZooKeeper's Exception is not an Error subclass; it is kept as is so callers can read its code.
         // eslint-disable-next-line @typescript-eslint/prefer-promise-reject-errors
-        if (err) reject(err);
+        else if (err) reject(err);
         else resolve(v);
       });
     });
+  }
+
+  private denied(op: string, path: string, need: Need, cause: unknown): KnitError {
+    const c = this.o.credentials;
+    const needs = need === 'server' ? "knit's server credential" : "knit's agent or server credential";
+    let have: string;
+    if (!c) have = 'this client has no credential (auth=file:... in the registry URL)';
+    else if (c.role === 'server' || need === 'agent') have = `this client's ${c.role} credential "${c.user}" is not the one the tree grants (another password, or knit server set up with another credential)`;
+    else have = `this client has the ${c.role} credential "${c.user}"`;
+    return new KnitError('KNIT_ERR_REGISTRY_DENIED', `ZooKeeper denied ${op} ${path}: it needs ${needs}; ${have}`, { cause });
   }
 
   private unavailable(what: string, e: unknown): KnitError {
     return wrapError('KNIT_ERR_REGISTRY_UNAVAILABLE', `ZooKeeper ${what}`, e);
   }
 
-  private async mkdirp(path: string): Promise<void> {
-    await this.call<string>(`mkdirp ${path}`, (c, cb) => c.mkdirp(path, cb)).catch((e: unknown) => {
-      if (code(e) !== Exception.NODE_EXISTS) throw this.unavailable(`mkdirp ${path}`, e);
-    });
+  private exists(path: string): Promise<Stat | undefined> {
+    return this.call<Stat | undefined>('exists', path, (c, cb) => c.exists(path, (err, st) => cb(err, st ?? undefined)));
+  }
+
+  /**
+   * Creates whatever is missing of `path` with `acl` (`data` on the last
+   * znode). Never creates what exists: on a protected tree ZooKeeper checks
+   * the parent's CREATE permission before NODE_EXISTS, so a blind mkdirp
+   * would be refused even where nothing needs creating.
+   */
+  private async ensurePath(path: string, acl: ZkAcl[], need: Need, data?: Buffer): Promise<void> {
+    if (await this.exists(path)) return;
+    let at = '';
+    for (const part of path.split('/').slice(1)) {
+      const p = (at += `/${part}`);
+      if (await this.exists(p)) continue;
+      await this.call<string | undefined>(
+        'create',
+        p,
+        (c, cb) => {
+          const done = (err: unknown, made: string): void => (code(err) === Exception.NODE_EXISTS ? cb(null, undefined) : cb(err, made));
+          if (data && p === path) c.create(p, data, acl, CreateMode.PERSISTENT, done);
+          else c.create(p, acl, CreateMode.PERSISTENT, done);
+        },
+        need,
+      );
+    }
+  }
+
+  private getAcl(path: string): Promise<ZkAcl[] | undefined> {
+    return this.call<ZkAcl[] | undefined>('read the ACL of', path, (c, cb) => c.getACL(path, (err, acls) => (code(err) === Exception.NO_NODE ? cb(null, undefined) : cb(err, acls))));
+  }
+
+  /** Sets `want` as the ACL of `path` unless it is already; true when it changed something. */
+  private async enforceAcl(path: string, want: ZkAcl[]): Promise<boolean> {
+    const got = await this.getAcl(path);
+    if (!got || sameAcl(got, want)) return false;
+    await this.call<Stat | undefined>('set the ACL of', path, (c, cb) => c.setACL(path, want, -1, (err, st) => (code(err) === Exception.NO_NODE ? cb(null, undefined) : cb(err, st))));
+    this.o.log.debug({ path }, 'set the ACL of a znode');
+    return true;
   }
 
   private getData(path: string, watcher?: (e: ZkEvent) => void): Promise<{ data: Buffer; stat: Stat } | undefined> {
-    return this.call<{ data: Buffer; stat: Stat } | undefined>(`read ${path}`, (c, cb) => {
+    return this.call<{ data: Buffer; stat: Stat } | undefined>('read', path, (c, cb) => {
       const done = (err: unknown, data: Buffer, stat: Stat): void => (code(err) === Exception.NO_NODE ? cb(null, undefined) : cb(err, err ? undefined : { data, stat }));
       if (watcher) c.getData(path, watcher, done);
       else c.getData(path, done);
@@ -191,7 +456,7 @@ export class ZooKeeperRegistry implements Registry {
   }
 
   private getChildren(path: string, watcher?: (e: ZkEvent) => void): Promise<string[] | undefined> {
-    return this.call<string[] | undefined>(`list ${path}`, (c, cb) => {
+    return this.call<string[] | undefined>('list', path, (c, cb) => {
       const done = (err: unknown, children: string[]): void => (code(err) === Exception.NO_NODE ? cb(null, undefined) : cb(err, children));
       if (watcher) c.getChildren(path, watcher, done);
       else c.getChildren(path, done);
@@ -210,10 +475,12 @@ export class ZooKeeperRegistry implements Registry {
   private async createInstance(i: Instance): Promise<void> {
     const path = this.instancePath(i);
     const data = Buffer.from(JSON.stringify(i));
-    await this.mkdirp(`${this.o.root}/services/${i.service}`);
+    await this.ensurePath(`${this.o.root}/services/${i.service}`, this.acl.serviceDir, 'agent').catch((e: unknown) => {
+      throw this.unavailable(`register ${i.id}`, e);
+    });
     for (let attempt = 0; attempt < 5; attempt++) {
       try {
-        await this.call<string>(`create ${path}`, (c, cb) => c.create(path, data, CreateMode.EPHEMERAL, cb));
+        await this.call<string>('create', path, (c, cb) => c.create(path, data, this.acl.instance, CreateMode.EPHEMERAL, cb), 'agent');
         return;
       } catch (e) {
         if (code(e) !== Exception.NODE_EXISTS) throw this.unavailable(`register ${i.id}`, e);
@@ -221,11 +488,11 @@ export class ZooKeeperRegistry implements Registry {
       const cur = await this.getData(path);
       if (!cur) continue;
       if (cur.stat.ephemeralOwner.equals(this.sessionId())) {
-        await this.call<Stat>(`update ${path}`, (c, cb) => c.setData(path, data, -1, cb));
+        await this.call<Stat>('update', path, (c, cb) => c.setData(path, data, -1, cb), 'agent');
         return;
       }
       // An earlier session of this node (a restart before it lapsed): take the instance over.
-      await this.call<void>(`remove ${path}`, (c, cb) => c.remove(path, -1, (err) => cb(code(err) === Exception.NO_NODE ? null : err, undefined)));
+      await this.call<void>('remove', path, (c, cb) => c.remove(path, -1, (err) => cb(code(err) === Exception.NO_NODE ? null : err, undefined)), 'agent');
     }
     throw new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `could not register ${i.id}: it kept changing under us`);
   }
@@ -247,7 +514,7 @@ export class ZooKeeperRegistry implements Registry {
     const next = { ...cur, health };
     const path = this.instancePath(next);
     try {
-      await this.call<Stat>(`update ${path}`, (c, cb) => c.setData(path, Buffer.from(JSON.stringify(next)), -1, cb));
+      await this.call<Stat>('update', path, (c, cb) => c.setData(path, Buffer.from(JSON.stringify(next)), -1, cb), 'agent');
     } catch (e) {
       if (code(e) === Exception.NO_NODE) await this.createInstance(next);
       else throw this.unavailable(`set health of ${id}`, e);
@@ -263,8 +530,27 @@ export class ZooKeeperRegistry implements Registry {
     const path = this.instancePath(cur);
     const got = await this.getData(path).catch(() => undefined);
     if (!got || !got.stat.ephemeralOwner.equals(this.sessionId())) return;
-    await this.call<void>(`remove ${path}`, (c, cb) => c.remove(path, got.stat.version, (err) => cb(code(err) === Exception.NO_NODE || code(err) === Exception.BAD_VERSION ? null : err, undefined))).catch((e: unknown) => {
+    await this.call<void>('remove', path, (c, cb) => c.remove(path, got.stat.version, (err) => cb(code(err) === Exception.NO_NODE || code(err) === Exception.BAD_VERSION ? null : err, undefined)), 'agent').catch((e: unknown) => {
       throw this.unavailable(`deregister ${id}`, e);
+    });
+  }
+
+  /**
+   * Removes any client's instance. ZooKeeper lets the agent credential delete
+   * in service directories (an agent takes over its own instances from an
+   * earlier session), so keeping evict to the server is this client's check
+   * for that role; for anonymous clients ZooKeeper itself refuses it.
+   */
+  async evict(service: string, id: string): Promise<void> {
+    this.live();
+    const c = this.o.credentials;
+    const path = this.instancePath({ service, id });
+    if (c?.role === 'agent') {
+      throw new KnitError('KNIT_ERR_REGISTRY_DENIED', `evicting ${path} needs knit's server credential; this client has the agent credential "${c.user}" (an agent removes only its own instances, with deregister)`);
+    }
+    if (this.owned.get(id)?.service === service) this.owned.delete(id);
+    await this.call<void>('remove', path, (cl, cb) => cl.remove(path, -1, (err) => cb(code(err) === Exception.NO_NODE ? null : err, undefined)), 'server').catch((e: unknown) => {
+      throw this.unavailable(`evict ${id}`, e);
     });
   }
 
@@ -402,7 +688,7 @@ export class ZooKeeperRegistry implements Registry {
         if (list === undefined) {
           // No such service yet: watch for its creation.
           const created = arms.arm(`exists:${dir}`);
-          if (created) await this.call<Stat>(`exists ${dir}`, (c, cb) => c.exists(dir, created, cb));
+          if (created) await this.call<Stat>('exists', dir, (c, cb) => c.exists(dir, created, cb));
           return [];
         }
         return list.filter(isRoutable);
@@ -434,10 +720,10 @@ export class ZooKeeperRegistry implements Registry {
     const data = Buffer.from(value, 'utf8');
     const conflict = (): KnitError => new KnitError('KNIT_ERR_CAS_CONFLICT', `key ${key} is not at version ${expectedVersion}`);
     const create = async (): Promise<number> => {
-      await this.call<string>(`create ${path}`, (c, cb) => c.create(path, data, CreateMode.PERSISTENT, cb));
+      await this.call<string>('create', path, (c, cb) => c.create(path, data, this.acl.kvKey(key), CreateMode.PERSISTENT, cb));
       return 1;
     };
-    const set = async (v: number): Promise<number> => (await this.call<Stat>(`write ${path}`, (c, cb) => c.setData(path, data, v, cb))).version + 1;
+    const set = async (v: number): Promise<number> => (await this.call<Stat>('write', path, (c, cb) => c.setData(path, data, v, cb))).version + 1;
     try {
       if (expectedVersion === 0) return await create();
       if (expectedVersion !== undefined) return await set(expectedVersion - 1);
@@ -464,7 +750,7 @@ export class ZooKeeperRegistry implements Registry {
     this.live();
     const path = this.kvPath(key);
     try {
-      await this.call<void>(`remove ${path}`, (c, cb) => c.remove(path, expectedVersion === undefined ? -1 : expectedVersion - 1, (err) => cb(err, undefined)));
+      await this.call<void>('remove', path, (c, cb) => c.remove(path, expectedVersion === undefined ? -1 : expectedVersion - 1, (err) => cb(err, undefined)));
     } catch (e) {
       const c = code(e);
       if (c === Exception.NO_NODE && expectedVersion === undefined) return;
@@ -483,7 +769,7 @@ export class ZooKeeperRegistry implements Registry {
         // getData on a missing node arms nothing: exists() watches for its creation.
         const created = arms.arm(`exists:${path}`);
         if (created) {
-          const stat = await this.call<Stat | undefined>(`exists ${path}`, (c, cb) => c.exists(path, created, (err, st) => cb(err, st ?? undefined)));
+          const stat = await this.call<Stat | undefined>('exists', path, (c, cb) => c.exists(path, created, (err, st) => cb(err, st ?? undefined)));
           // Created between the two reads: the exists watch is set on a live node and will fire on its next change; read now.
           if (stat) return this.kvGet(key);
         }
