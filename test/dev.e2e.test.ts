@@ -4,7 +4,7 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { cp, mkdtemp, readFile, rm, stat, writeFile, unlink } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat, writeFile, unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tls from 'node:tls';
@@ -21,6 +21,7 @@ let configDir: string;
 let adminUrl: string;
 let adminAddr: string;
 let dev: Proc;
+let ports: { api: number; web: number; upstream: number };
 const apps: Proc[] = [];
 const admin = (): string[] => ['--admin', adminUrl];
 
@@ -32,7 +33,7 @@ async function startDev(): Promise<Proc> {
 
 /** GET web's front page; resolves with status and body. */
 async function callWeb(): Promise<{ status: number; body: string }> {
-  const r = await request('http://127.0.0.1:8080/', { signal: AbortSignal.timeout(10_000) });
+  const r = await request(`http://127.0.0.1:${ports.web}/`, { signal: AbortSignal.timeout(10_000) });
   return { status: r.statusCode, body: await r.body.text() };
 }
 
@@ -49,11 +50,15 @@ async function metric(line: RegExp): Promise<number> {
 before(async () => {
   dataDir = await mkdtemp(join(tmpdir(), 'knit-e2e-data-'));
   configDir = await mkdtemp(join(tmpdir(), 'knit-e2e-conf-'));
-  await cp(join(ROOT, 'examples/hello/services'), configDir, { recursive: true });
+  // The example's services and apps, moved to free ports so that the test runs beside anything else (a second npm run hello).
+  ports = { api: await freePort(), web: await freePort(), upstream: await freePort() };
+  const moved = (text: string) => text.replace(/9001/g, String(ports.api)).replace(/8080/g, String(ports.web)).replace(/9191/g, String(ports.upstream));
+  for (const f of ['api.yaml', 'web.json']) await writeFile(join(configDir, f), moved(await readFile(join(ROOT, 'examples/hello/services', f), 'utf8')));
   adminAddr = `127.0.0.1:${await freePort()}`;
   adminUrl = `http://${adminAddr}`;
+  const env = { API_PORT: String(ports.api), WEB_PORT: String(ports.web), API_UPSTREAM: `http://127.0.0.1:${ports.upstream}/` };
   for (const app of ['api.mjs', 'web.mjs']) {
-    const p = start([join(ROOT, 'examples/hello', app)]);
+    const p = start([join(ROOT, 'examples/hello', app)], env);
     apps.push(p);
     await p.waitFor(/listening/);
   }
@@ -84,7 +89,7 @@ test('web reaches api through the mesh over mTLS, and the decision names the int
 test('knit intention deny closes an open connection and the next call fails at once', async () => {
   // An open keep-alive connection through web's upstream listener, as the web app would hold.
   const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
-  const get = () => new Promise<number>((resolve, reject) => http.get('http://127.0.0.1:9191/', { agent }, (res) => { res.resume(); res.on('end', () => resolve(res.statusCode ?? 0)); }).on('error', reject));
+  const get = () => new Promise<number>((resolve, reject) => http.get(`http://127.0.0.1:${ports.upstream}/`, { agent }, (res) => { res.resume(); res.on('end', () => resolve(res.statusCode ?? 0)); }).on('error', reject));
   assert.equal(await get(), 200);
   const sock = Object.values(agent.freeSockets)[0]?.[0];
   assert.ok(sock, 'a kept-alive socket');

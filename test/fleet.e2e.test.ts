@@ -21,6 +21,12 @@ import { until } from './helpers/wait.js';
 const missing = netnsUnavailable() ?? ensureZooKeeper();
 /** Short sessions: a crashed host's instances should vanish in about this long. */
 const SESSION_MS = 2000;
+/**
+ * How long the control plane is down in the outage test: short by default,
+ * a minute (the issue's scenario) with KNIT_FLEET_OUTAGE_MS=60000. Service
+ * leaves live 40 s here, so even the short outage spans a renewal attempt.
+ */
+const OUTAGE_MS = Number(process.env.KNIT_FLEET_OUTAGE_MS ?? 15_000);
 
 let net: TestNet;
 let zk: ZkCluster;
@@ -67,7 +73,7 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     await writeFile(
       join(dir, 'server', 'server.yaml'),
       // Two-minute leaves so that renewal happens during the test's server outage.
-      `name: cp1\ndata_dir: ${join(dir, 'server', 'data')}\nregistry: ${zkUrl}\nlisten: ${net.bridgeAddress}:${port}\nadvertise: [${net.bridgeAddress}]\nleaf_ttl: 2m\nagent_ttl: 2m\n`,
+      `name: cp1\ndata_dir: ${join(dir, 'server', 'data')}\nregistry: ${zkUrl}\nlisten: ${net.bridgeAddress}:${port}\nadvertise: [${net.bridgeAddress}]\nleaf_ttl: 40s\nagent_ttl: 2m\n`,
     );
     server = start([KNIT, 'server', '--config', join(dir, 'server', 'server.yaml')]);
     await server.waitFor(/knit server ready/, 60_000);
@@ -165,8 +171,7 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     const cut = Date.now();
     await until('B expired from A\'s view', async () => (await webEndpoints()) === 0, SESSION_MS * 5, 100);
     t.diagnostic(`partitioned host left A's endpoints after ${Date.now() - cut} ms (session timeout ${SESSION_MS} ms)`);
-    // Stay cut off well past the timeout, so that B's session is certainly expired on the server.
-    await delay(SESSION_MS * 2);
+    // A's view lost B because ZooKeeper expired B's session (that is what removes its ephemeral instance): no need to wait longer.
     net.link('b', true);
     const back = Date.now();
     await until('route back after re-registration', async () => (await callApi()).result === 'ok', 60_000, 100);
@@ -211,17 +216,18 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
         const r = await callApi(i % 5 === 0 ? undefined : keepAlive);
         if (r.result === 'ok') ok++;
         else failures.push(`request ${i} after ${r.ms} ms`);
-        await delay(20);
+        await delay(20); // pacing the load loop, not waiting for a condition
       }
     })();
-    await delay(1000);
+    await until('traffic flowing', () => ok >= 20, 10_000, 20);
     const leader = await zk.leader();
     assert.ok(leader, 'a leader');
     await leader.stop('SIGKILL');
     const t0 = Date.now();
     await until('a new leader', async () => (await zk.leader()) !== undefined, 30_000, 100);
     t.diagnostic(`new ZooKeeper leader elected after ${Date.now() - t0} ms`);
-    await delay(3000);
+    const atElection = ok;
+    await until('50 more requests under the new leader', () => ok >= atElection + 50, 20_000, 20);
     stop = true;
     await loop;
     keepAlive.destroy();
@@ -230,22 +236,22 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     assert.ok(ok > 50, `${ok} requests`);
   });
 
-  test('stopping the server for a minute breaks nothing with valid certificates; renewal resumes after', async (t) => {
+  test(`stopping the server for ${OUTAGE_MS / 1000} s breaks nothing with valid certificates; renewal resumes after`, async (t) => {
     const before = (await agentState('a')).services.find((s) => s.name === 'web')!.certificateExpires;
     await server.stop();
     let ok = 0;
     const failures: string[] = [];
     const keepAlive = new http.Agent({ keepAlive: true, maxSockets: 2 });
-    const end = Date.now() + 60_000;
+    const end = Date.now() + OUTAGE_MS;
     for (let i = 0; Date.now() < end; i++) {
       const r = await callApi(i % 4 === 0 ? undefined : keepAlive);
       if (r.result === 'ok') ok++;
-      else failures.push(`request ${i} at +${60_000 - (end - Date.now())} ms`);
-      await delay(100);
+      else failures.push(`request ${i} at +${OUTAGE_MS - (end - Date.now())} ms`);
+      await delay(100); // pacing the load loop, not waiting for a condition
     }
     keepAlive.destroy();
     assert.deepEqual(failures, [], 'no request failed while the server was down');
-    t.diagnostic(`${ok} requests served while the control plane was down for 60 s`);
+    t.diagnostic(`${ok} requests served while the control plane was down for ${OUTAGE_MS / 1000} s`);
 
     // A host restarted during the outage (a rebooted VM) comes back on its stored identity and leaves.
     const stopped = new Promise((r) => agents.b.proc!.once('exit', r));

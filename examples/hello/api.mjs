@@ -7,4 +7,9 @@ http
     res.setHeader('content-type', 'application/json');
     res.end(JSON.stringify({ service: 'api', message: 'hello from api', pid: process.pid }));
   })
+  // A port already taken is one line naming it, not a stack trace.
+  .on('error', (e) => {
+    console.error(e.code === 'EADDRINUSE' ? `api: port ${port} on 127.0.0.1 is already in use (another npm run hello?); stop what holds it or set API_PORT` : `api: ${e.message}`);
+    process.exit(1);
+  })
   .listen(port, '127.0.0.1', () => console.log(`api listening on 127.0.0.1:${port}`));

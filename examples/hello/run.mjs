@@ -4,8 +4,30 @@
 import { spawn, execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
+import net from 'node:net';
 
 const here = dirname(fileURLToPath(import.meta.url));
+
+// Every fixed port this demo needs, checked first: a second `npm run hello`
+// gets one line naming the port and what wants it, and starts nothing.
+const PORTS = [
+  [8080, 'the example app web (examples/hello/web.mjs)'],
+  [9001, 'the example app api (examples/hello/api.mjs)'],
+  [9191, "web's upstream to api (examples/hello/services/web.json)"],
+  [7701, "knit dev's admin API"],
+];
+const inUse = (port) =>
+  new Promise((resolve) => {
+    const s = net.createServer();
+    s.once('error', (e) => resolve(e.code === 'EADDRINUSE'));
+    s.listen(port, '127.0.0.1', () => s.close(() => resolve(false)));
+  });
+for (const [port, what] of PORTS) {
+  if (await inUse(port)) {
+    console.error(`npm run hello: port ${port} on 127.0.0.1 is already in use; ${what} wants it. Is another npm run hello (or knit dev) running? Stop it first.`);
+    process.exit(1);
+  }
+}
 const knit = join(here, '..', '..', 'bin', 'knit.mjs');
 const dataDir = join(here, '..', '..', '.knit-dev');
 const children = [

@@ -17,4 +17,9 @@ http
       res.end(`web could not reach api through the mesh: ${e.code ?? e.message}\n`);
     });
   })
+  // A port already taken is one line naming it, not a stack trace.
+  .on('error', (e) => {
+    console.error(e.code === 'EADDRINUSE' ? `web: port ${port} on 127.0.0.1 is already in use (another npm run hello?); stop what holds it or set WEB_PORT` : `web: ${e.message}`);
+    process.exit(1);
+  })
   .listen(port, '127.0.0.1', () => console.log(`web listening on 127.0.0.1:${port}`));

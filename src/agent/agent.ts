@@ -13,26 +13,29 @@
  * upstream endpoints are only instances that their node may run.
  *
  * A reload (SIGHUP) with any bad file changes nothing and reports every
- * problem; a good one starts, stops or restarts only the services whose
- * definitions changed.
+ * problem; a good one is applied whole or not at all: new services start
+ * first, changed ones are replaced one by one, and any failure puts back
+ * every service as it was before and reports the failure. A change of tags
+ * or meta only re-registers (no listener restarts, no connection reset).
+ * Services start concurrently; stopping the agent cancels the ones still
+ * starting.
  */
 import { loadServices, type LoadOptions, type ServiceDefinition } from '../config/services.js';
 import { formatProblem, KnitError, type FileProblem } from '../errors.js';
-import { serviceId, type SpiffeId } from '../identity/spiffe.js';
 import { EVENTS, type Logger } from '../log/logger.js';
 import type { Metrics } from '../log/metrics.js';
-import type { Decision, Evaluator } from '../policy/intentions.js';
+import type { Evaluator } from '../policy/intentions.js';
 import { IntentionStore } from '../policy/store.js';
 import { allows, NODES_KEY, NODES_KIND, type NodesDocument } from '../policy/nodes.js';
 import { SignedKv } from '../registry/signed-kv.js';
 import type { DocumentTrust } from '../identity/signed-doc.js';
-import { InboundProxy } from '../proxy/inbound/inbound.js';
-import type { ServiceTls } from '../proxy/tls.js';
-import { OutboundProxy } from '../proxy/outbound/outbound.js';
 import type { HealthStatus, Instance, Registry, Watch } from '../registry/registry.js';
-import { LeafManager, type CertSigner } from './certs.js';
-import { CheckRunner, worst } from './health.js';
-import { readStored, serviceDir, writeStored } from './identity-store.js';
+import type { CertSigner } from '../identity/leaf.js';
+import { ConnectionLimit, DEFAULT_MAX_HOST_CONNECTIONS, type TcpOptions } from '../proxy/limits.js';
+import { RateLimitedLog } from '../log/ratelimit.js';
+import { onlyRegistrationDiffers, sameDefinition, ServiceRuntime, type ServiceContext, type ServiceState } from './service.js';
+
+export type { ServiceState };
 
 export interface AgentOptions {
   node: string;
@@ -62,222 +65,16 @@ export interface AgentOptions {
   metrics: Metrics;
   /** Longest wait between two attempts to get a refused or unreachable leaf. */
   identityRetryMaxMs?: number;
+  /** How often every instance is re-asserted in the registry (anti-entropy); Consul's agent does it every minute. */
+  antiEntropyMs?: number;
+  /** Longest wait between two attempts to publish an instance to the registry. */
+  publishRetryMaxMs?: number;
+  /** Socket settings of every proxied connection (agent.yaml tcp_keepalive, idle_timeout, tcp_nodelay). */
+  tcp?: Partial<TcpOptions>;
+  /** Connections all proxies of this host may hold at once (agent.yaml max_connections_per_host). */
+  maxConnectionsPerHost?: number;
 }
 
-/** Fail closed until the first intentions arrive. */
-const NO_POLICY: Decision = { allow: false, reason: 'default', rule: 'default (deny: intentions not loaded yet)' };
-
-/** What the admin API shows of one service. */
-export interface ServiceState {
-  id: string;
-  name: string;
-  health: HealthStatus;
-  meshPort: number;
-  app?: string;
-  certificateExpires?: string;
-  /** Why the service is not running yet (waiting for its certificate), if it is not. */
-  waiting?: string;
-  checks: Array<{ id: string; name: string; status: HealthStatus; output: string }>;
-  upstreams: Array<{ destination: string; local: string; endpoints: string[] }>;
-  connections: number;
-}
-
-/** Everything one service needs while it runs. */
-class ServiceRuntime {
-  inbound?: InboundProxy;
-  readonly outbound: OutboundProxy[] = [];
-  readonly watches: Watch[] = [];
-  readonly checks = new Map<string, CheckRunner>();
-  leaf?: LeafManager;
-  meshPort = 0;
-  health: HealthStatus = 'critical';
-  /** Why the service waits for its certificate; undefined once it has one. */
-  waiting: string | undefined = 'starting';
-  private stopped = false;
-  private retryTimer: NodeJS.Timeout | undefined;
-  /** The last registry snapshot per upstream, before the node-record filter. */
-  private readonly snapshots: Instance[][] = [];
-  readonly instanceId: string;
-  readonly spiffe: SpiffeId;
-
-  constructor(
-    readonly def: ServiceDefinition,
-    private readonly a: AgentOptions,
-    private readonly policy: () => Evaluator | undefined,
-    private readonly routable: (i: Instance) => boolean,
-  ) {
-    this.instanceId = `${a.node}/${def.id}`;
-    this.spiffe = serviceId(a.trustDomain, def.name, a.namespace);
-  }
-
-  authorize = (source: SpiffeId): Decision => {
-    const ev = this.policy();
-    if (!ev) return NO_POLICY;
-    return ev.evaluate(source.what.kind === 'service' ? source.what.service : source.uri, this.def.name);
-  };
-
-  private instance(): Instance {
-    return {
-      id: this.instanceId,
-      service: this.def.name,
-      node: this.a.node,
-      address: this.def.address ?? this.a.advertiseAddress,
-      port: this.meshPort,
-      tags: this.def.tags,
-      meta: this.def.meta,
-      health: this.health,
-    };
-  }
-
-  /**
-   * Binds the mesh port, then asks for the service's identity. Resolves
-   * once the service runs, or once the first attempt failed in a way a
-   * retry may cure (refused by the control plane, control plane away): the
-   * service then waits in the background and starts when its leaf comes.
-   * Rejects only on what no retry cures (a port taken, a bad leaf).
-   */
-  async start(port: number): Promise<void> {
-    const { def, a } = this;
-    if (def.localServicePort !== undefined) {
-      this.inbound = new InboundProxy({
-        service: def.name, trustDomain: a.trustDomain, namespace: a.namespace, listenHost: a.bindAddress, listenPort: port,
-        targetHost: def.localServiceAddress, targetPort: def.localServicePort, authorize: this.authorize, log: a.log, metrics: a.metrics,
-      });
-      this.meshPort = await this.inbound.start();
-    }
-    // A stored leaf that is still this service's and valid is used at once
-    // (a restart while the control plane is away), else a new one is issued.
-    const dir = a.dataDir && serviceDir(a.dataDir, def.name);
-    const stored = dir ? await readStored(dir) : undefined;
-    this.leaf = new LeafManager({
-      id: this.spiffe, service: def.name, log: a.log,
-      initial: stored?.info.spiffeId?.uri === this.spiffe.uri ? stored.tls : undefined,
-      persist: dir ? (t) => writeStored(dir, t) : undefined,
-      sign: (csr) => a.signer.signService(def.name, csr),
-      trustBundle: () => a.signer.trustBundle(),
-      onRenewed: (t) => {
-        this.inbound?.setTls(t);
-        for (const o of this.outbound) o.setTls(t);
-      },
-    });
-    await this.attempt(0);
-  }
-
-  /** One attempt at the leaf; on a curable failure, schedules the next and returns. */
-  private async attempt(n: number): Promise<void> {
-    if (this.stopped) return;
-    let tls: ServiceTls;
-    try {
-      tls = await this.leaf!.start();
-    } catch (e) {
-      if (!(e instanceof KnitError) || !(e.retryable || e.code === 'KNIT_ERR_UNAUTHORIZED' || e.code === 'KNIT_ERR_CA')) throw e;
-      const wait = Math.min(this.a.identityRetryMaxMs ?? 10_000, 500 * 2 ** n);
-      if (this.waiting !== e.message) {
-        this.a.log.warn({ event: EVENTS.certWaiting, service: this.def.name, err: e.message, retryInMs: wait }, `${this.def.name} waits for its certificate: ${e.message}`);
-      }
-      this.waiting = e.message;
-      this.retryTimer = setTimeout(() => {
-        this.attempt(n + 1).catch((err: Error) => {
-          this.waiting = err.message;
-          this.a.log.error({ event: EVENTS.certWaiting, service: this.def.name, err: err.message }, `${this.def.name} cannot start: ${err.message}`);
-        });
-      }, wait);
-      this.retryTimer.unref();
-      return;
-    }
-    if (this.stopped) return;
-    await this.run(tls);
-  }
-
-  /** With a leaf: register (critical until checks pass), upstreams, health checks. */
-  private async run(tls: ServiceTls): Promise<void> {
-    const { def, a } = this;
-    const log = a.log;
-    this.waiting = undefined;
-    this.inbound?.setTls(tls);
-    this.health = 'critical';
-    await a.registry.register(this.instance());
-    def.upstreams.forEach((up, i) => {
-      const o = new OutboundProxy({
-        source: def.name, destination: up.destinationName, trustDomain: a.trustDomain, namespace: a.namespace,
-        listenHost: up.localBindAddress, listenPort: up.localBindPort, tls, log, metrics: a.metrics,
-      });
-      this.outbound.push(o);
-      this.snapshots.push([]);
-      this.watches.push(
-        a.registry.watchService(up.destinationName, (list) => {
-          this.snapshots[i] = list;
-          o.setEndpoints(list.filter(this.routable));
-        }, (err) =>
-          log.warn({ event: EVENTS.registryError, upstream: up.destinationName, err: err.message }, `watch of ${up.destinationName} failed; routing on the last known endpoints`)),
-      );
-    });
-    await Promise.all(this.outbound.map((o) => o.start()));
-    for (const c of def.checks) this.checks.set(c.id, new CheckRunner(c, () => void this.updateHealth()));
-    await Promise.all([...this.checks.values()].map((c) => c.start()));
-    await this.updateHealth(true);
-    log.info({ event: EVENTS.serviceRegistered, id: this.instanceId, meshPort: this.meshPort, health: this.health }, `service ${def.name} registered (mesh port ${this.meshPort}, ${this.health})`);
-  }
-
-  /** Re-applies the node-record filter to every upstream's last snapshot. */
-  refilter(): void {
-    this.outbound.forEach((o, i) => o.setEndpoints((this.snapshots[i] ?? []).filter(this.routable)));
-  }
-
-  private async updateHealth(force = false): Promise<void> {
-    const next = worst([...this.checks.values()].map((c) => c.result.status));
-    if (next === this.health && !force) return;
-    const prev = this.health;
-    this.health = next;
-    if (prev !== next) {
-      const outputs = [...this.checks.values()].map((c) => `${c.def.id}: ${c.result.output}`);
-      this.a.log.info({ event: EVENTS.healthChanged, service: this.def.name, from: prev, to: next, checks: outputs }, `${this.def.name} is ${next}`);
-    }
-    try {
-      await this.a.registry.setHealth(this.instanceId, next);
-    } catch (e) {
-      this.a.log.warn({ event: EVENTS.registryError, service: this.def.name, err: (e as Error).message }, 'cannot update health in the registry');
-    }
-  }
-
-  reauthorize(): void {
-    this.inbound?.setAuthorize(this.authorize);
-  }
-
-  state(): ServiceState {
-    return {
-      id: this.def.id,
-      name: this.def.name,
-      health: this.health,
-      meshPort: this.meshPort,
-      app: this.def.localServicePort !== undefined ? `${this.def.localServiceAddress}:${this.def.localServicePort}` : undefined,
-      certificateExpires: this.waiting ? undefined : this.leaf?.expires.toISOString(),
-      waiting: this.waiting,
-      checks: [...this.checks.values()].map((c) => ({ id: c.def.id, name: c.def.name, status: c.result.status, output: c.result.output })),
-      upstreams: this.def.upstreams.map((u, i) => ({
-        destination: u.destinationName,
-        local: `${u.localBindAddress}:${u.localBindPort}`,
-        endpoints: (this.outbound[i]?.endpointList ?? []).map((e) => `${e.address}:${e.port}`),
-      })),
-      connections: this.inbound?.connections ?? 0,
-    };
-  }
-
-  async stop(drainMs: number): Promise<void> {
-    this.stopped = true;
-    clearTimeout(this.retryTimer);
-    for (const c of this.checks.values()) c.stop();
-    for (const w of this.watches) w.close();
-    this.leaf?.stop();
-    const wasRunning = this.waiting === undefined;
-    await this.a.registry.deregister(this.instanceId).catch(() => undefined);
-    await Promise.all([this.inbound?.close(drainMs), ...this.outbound.map((o) => o.close(drainMs))]);
-    if (wasRunning) this.a.log.info({ event: EVENTS.serviceDeregistered, id: this.instanceId }, `service ${this.def.name} deregistered`);
-  }
-}
-
-const sameDefinition = (a: ServiceDefinition, b: ServiceDefinition): boolean =>
-  JSON.stringify({ ...a, file: '' }) === JSON.stringify({ ...b, file: '' });
 
 /** The outcome of a reload. */
 export interface ReloadResult {
@@ -286,6 +83,8 @@ export interface ReloadResult {
   started: string[];
   stopped: string[];
   restarted: string[];
+  /** Re-registered with new tags or meta, nothing restarted. */
+  updated: string[];
 }
 
 /** One host's agent. */
@@ -296,9 +95,21 @@ export class Agent {
   private readonly watches: Watch[] = [];
   private reloading: Promise<ReloadResult> | undefined;
   private readonly kv: SignedKv;
+  /** Mesh ports held or being bound by this agent's services. */
+  private readonly reserved = new Set<number>();
+  /** Runtimes whose start is in flight (a stop cancels them). */
+  private readonly starting = new Set<ServiceRuntime>();
+  private stopping = false;
+  private antiEntropy: NodeJS.Timeout | undefined;
+
+  /** Every proxy of this host counts against one cap, and logs through one rate limit. */
+  private readonly hostLimit: ConnectionLimit;
+  private readonly logLimit: RateLimitedLog;
 
   constructor(private readonly o: AgentOptions) {
     this.kv = new SignedKv({ registry: o.registry, trust: o.trust });
+    this.hostLimit = new ConnectionLimit('host', o.maxConnectionsPerHost ?? DEFAULT_MAX_HOST_CONNECTIONS);
+    this.logLimit = new RateLimitedLog(o.log);
   }
 
   /**
@@ -366,6 +177,8 @@ export class Agent {
     }
     await Promise.all(first);
     await this.apply(services);
+    this.antiEntropy = setInterval(() => this.resync(), this.o.antiEntropyMs ?? 60_000);
+    this.antiEntropy.unref();
   }
 
   /** A revoked node stops serving: its services leave the registry, and say why. */
@@ -375,49 +188,120 @@ export class Agent {
     this.o.log.error({ event: EVENTS.nodeRevoked, node: this.o.node, revokedAt: rec.revokedAt }, `this node (${this.o.node}) was revoked by the control plane at ${rec.revokedAt}: stopping its services; it needs a new token (knit token create --node ${this.o.node} --services ...)`);
     const all = [...this.runtimes.values()];
     this.runtimes.clear();
-    void Promise.all(all.map((r) => r.stop(0)));
+    void Promise.all(all.map((r) => this.stopOne(r)));
   }
 
-  private usedPorts(): Set<number> {
-    return new Set([...this.runtimes.values()].map((r) => r.meshPort));
+  /** The service context every runtime shares. */
+  private context(): ServiceContext {
+    return { ...this.o, policy: () => this.evaluator, routable: this.routable, hostLimit: this.hostLimit, logLimit: this.logLimit };
   }
 
-  /** Starts one service; an automatic mesh port walks on from the base past ports other software holds. */
-  private async startOne(def: ServiceDefinition): Promise<void> {
+  /**
+   * Starts one service; an automatic mesh port walks on from the base past
+   * ports other software holds. Ports are reserved before any await, so
+   * services can start concurrently. A stop of the agent while it starts
+   * cancels it.
+   */
+  private async startOne(def: ServiceDefinition): Promise<ServiceRuntime> {
     const auto = def.meshPort === undefined && this.o.inboundPortBase > 0;
-    const used = this.usedPorts();
     let port = def.meshPort ?? (auto ? this.o.inboundPortBase : 0);
     // Bounded so a host with every port taken fails with a clear error instead of spinning.
     for (let tries = 0; ; tries++) {
-      while (auto && used.has(port)) port++;
-      const r = new ServiceRuntime(def, this.o, () => this.evaluator, this.routable);
+      while (auto && this.reserved.has(port)) port++;
+      if (auto) this.reserved.add(port);
+      const r = new ServiceRuntime(def, this.context());
+      this.starting.add(r);
       try {
         await r.start(port);
-        this.runtimes.set(def.id, r);
-        return;
+        if (this.stopping) throw new KnitError('KNIT_ERR_CLOSED', 'the agent is stopping');
+        this.reserved.add(r.meshPort);
+        return r;
       } catch (e) {
         await r.stop(0);
         const inUse = auto && r.meshPort === 0 && e instanceof KnitError && e.code === 'KNIT_ERR_LISTEN' && /EADDRINUSE/.test(e.message);
-        if (!inUse || tries >= 100) throw e;
-        used.add(port);
+        if (!inUse || tries >= 100) {
+          if (auto) this.reserved.delete(port);
+          throw e;
+        }
+        // Someone else holds it: keep it reserved so no other service tries it, and walk on.
+      } finally {
+        this.starting.delete(r);
       }
     }
   }
 
+  private async stopOne(r: ServiceRuntime, drainMs = 0): Promise<void> {
+    this.reserved.delete(r.meshPort);
+    await r.stop(drainMs);
+  }
+
+  /**
+   * Applies a set of definitions whole or not at all. New services start
+   * first (concurrently); changed ones are replaced one at a time (the old
+   * one stops first, as it may hold the ports the new one wants); any
+   * failure stops what was started, puts the old runtimes back, and
+   * rejects. Then removed services stop and tag/meta changes re-register.
+   */
   private async apply(next: ServiceDefinition[]): Promise<Omit<ReloadResult, 'ok' | 'problems'>> {
     const want = new Map(next.map((d) => [d.id, d]));
-    const out = { started: [] as string[], stopped: [] as string[], restarted: [] as string[] };
-    for (const [id, r] of [...this.runtimes]) {
-      const d = want.get(id);
-      if (d && sameDefinition(d, r.def)) continue;
-      await r.stop(0);
-      this.runtimes.delete(id);
-      (d ? out.restarted : out.stopped).push(id);
+    const out = { started: [] as string[], stopped: [] as string[], restarted: [] as string[], updated: [] as string[] };
+    const toStart = next.filter((d) => !this.runtimes.has(d.id));
+    const toRestart = next.filter((d) => {
+      const r = this.runtimes.get(d.id);
+      return r && !sameDefinition(d, r.def) && !onlyRegistrationDiffers(d, r.def);
+    });
+    const toUpdate = next.filter((d) => {
+      const r = this.runtimes.get(d.id);
+      return r && !sameDefinition(d, r.def) && onlyRegistrationDiffers(d, r.def);
+    });
+    const toStop = [...this.runtimes.keys()].filter((id) => !want.has(id));
+
+    const started: ServiceRuntime[] = [];
+    const replaced: Array<{ old: ServiceDefinition; fresh?: ServiceRuntime }> = [];
+    try {
+      const results = await Promise.allSettled(toStart.map((d) => this.startOne(d)));
+      for (const r of results) if (r.status === 'fulfilled') started.push(r.value);
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
+      for (const d of toRestart) {
+        const old = this.runtimes.get(d.id)!;
+        await this.stopOne(old);
+        this.runtimes.delete(d.id);
+        const entry: { old: ServiceDefinition; fresh?: ServiceRuntime } = { old: old.def };
+        replaced.push(entry);
+        entry.fresh = await this.startOne(d);
+        this.runtimes.set(d.id, entry.fresh);
+      }
+    } catch (e) {
+      // Put everything back as it was; what cannot be put back is reported with the failure.
+      const lost: string[] = [];
+      await Promise.all(started.map((r) => this.stopOne(r)));
+      for (const { old, fresh } of replaced.reverse()) {
+        if (fresh) await this.stopOne(fresh);
+        this.runtimes.delete(old.id);
+        try {
+          this.runtimes.set(old.id, await this.startOne(old));
+        } catch (again) {
+          lost.push(`${old.id}: ${(again as Error).message}`);
+        }
+      }
+      const msg = (e as Error).message;
+      throw new KnitError(e instanceof KnitError ? e.code : 'KNIT_ERR_LISTEN', lost.length ? `${msg}; and could not restart the previous ${lost.join('; ')}` : `${msg}; nothing changed`, { cause: e });
     }
-    for (const d of next) {
-      if (this.runtimes.has(d.id)) continue;
-      await this.startOne(d);
-      if (!out.restarted.includes(d.id)) out.started.push(d.id);
+    for (const r of started) {
+      this.runtimes.set(r.def.id, r);
+      out.started.push(r.def.id);
+    }
+    out.restarted.push(...toRestart.map((d) => d.id));
+    for (const id of toStop) {
+      const r = this.runtimes.get(id)!;
+      this.runtimes.delete(id);
+      await this.stopOne(r);
+      out.stopped.push(id);
+    }
+    for (const d of toUpdate) {
+      await this.runtimes.get(d.id)!.update(d);
+      out.updated.push(d.id);
     }
     return out;
   }
@@ -428,7 +312,7 @@ export class Agent {
       const loaded = await loadServices(this.o.servicesDir, this.o.loadOptions).catch((e: Error) => ({ services: [], problems: [{ file: this.o.servicesDir, message: e.message }], warnings: [], files: [] }));
       if (loaded.problems.length) {
         this.o.log.error({ event: EVENTS.servicesReloadFailed, problems: loaded.problems.map(formatProblem) }, `reload refused, keeping the ${this.runtimes.size} running service(s):\n${loaded.problems.map(formatProblem).join('\n')}`);
-        return { ok: false, problems: loaded.problems, started: [], stopped: [], restarted: [] };
+        return { ok: false, problems: loaded.problems, started: [], stopped: [], restarted: [], updated: [] };
       }
       try {
         const changes = await this.apply(loaded.services);
@@ -436,7 +320,7 @@ export class Agent {
         return { ok: true, problems: [], ...changes };
       } catch (e) {
         this.o.log.error({ event: EVENTS.servicesReloadFailed, err: (e as Error).message }, `reload failed: ${(e as Error).message}`);
-        return { ok: false, problems: [{ file: this.o.servicesDir, message: (e as Error).message }], started: [], stopped: [], restarted: [] };
+        return { ok: false, problems: [{ file: this.o.servicesDir, message: (e as Error).message }], started: [], stopped: [], restarted: [], updated: [] };
       }
     };
     // One reload at a time; a reload asked for during another runs after it.
@@ -460,10 +344,17 @@ export class Agent {
     return { node: this.o.node, trustDomain: this.o.trustDomain, services: [...this.runtimes.values()].map((r) => r.state()) };
   }
 
-  /** Deregisters every service and drains open connections for at most `drainMs`. */
+  /** Re-asserts every instance in the registry (after a session re-creation; periodically as anti-entropy). */
+  resync(): void {
+    for (const r of this.runtimes.values()) void r.resync();
+  }
+
+  /** Deregisters every service, cancels those still starting, and drains open connections for at most `drainMs`. */
   async stop(drainMs = 0): Promise<void> {
+    this.stopping = true;
+    clearInterval(this.antiEntropy);
     for (const w of this.watches) w.close();
-    await Promise.all([...this.runtimes.values()].map((r) => r.stop(drainMs)));
+    await Promise.all([...[...this.starting].map((r) => r.stop(0)), ...[...this.runtimes.values()].map((r) => r.stop(drainMs))]);
     this.runtimes.clear();
   }
 }

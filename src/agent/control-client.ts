@@ -21,7 +21,7 @@ import { certInfo, certInfoFromDer, splitPem } from '../identity/x509.js';
 import { createCsr, validateLeaf, type SignedLeaf } from '../identity/ca.js';
 import { verifyChain } from '../identity/chain.js';
 import type { ServiceTls } from '../proxy/tls.js';
-import type { CertSigner } from './certs.js';
+import type { CertSigner } from '../identity/leaf.js';
 import { caHash, parseJoinToken, rejoinProofInput } from '../identity/enrolment.js';
 
 /** Checks that a server certificate carries a control-plane identity of `trustDomain`. */

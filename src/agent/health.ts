@@ -6,7 +6,8 @@
  */
 import net from 'node:net';
 import { request, Agent as UndiciAgent, type Dispatcher } from 'undici';
-import type { CheckDefinition, HealthStatus } from '../config/services.js';
+import type { CheckDefinition } from '../config/services.js';
+import type { HealthStatus } from '../registry/registry.js';
 import { splitHostPort } from '../config/node-config.js';
 
 const RANK: Record<HealthStatus, number> = { passing: 0, warning: 1, critical: 2 };
@@ -29,12 +30,12 @@ export interface CheckResult {
   output: string;
 }
 
-let insecure: Dispatcher | undefined;
-
-/** Runs an http check once. */
-export async function runHttpCheck(c: CheckDefinition): Promise<CheckResult> {
+/**
+ * Runs an http check once. `insecure` is the dispatcher for a check with
+ * `tls_skip_verify`: its owner (the CheckRunner) makes it once and closes it.
+ */
+export async function runHttpCheck(c: CheckDefinition, insecure?: Dispatcher): Promise<CheckResult> {
   try {
-    if (c.tlsSkipVerify && !insecure) insecure = new UndiciAgent({ connect: { rejectUnauthorized: false } });
     const headers: Record<string, string> = {};
     for (const [k, v] of Object.entries(c.headers ?? {})) headers[k] = v.join(', ');
     const res = await request(c.target!, {
@@ -73,12 +74,15 @@ export class CheckRunner {
   private state: CheckResult;
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
+  /** Only for `tls_skip_verify` checks; never shared between checks. */
+  private readonly insecure: UndiciAgent | undefined;
 
   constructor(
     readonly def: CheckDefinition,
     private readonly onChange: (r: CheckResult) => void,
   ) {
     this.state = { status: def.initialStatus, output: 'not yet run' };
+    this.insecure = def.kind === 'http' && def.tlsSkipVerify ? new UndiciAgent({ connect: { rejectUnauthorized: false } }) : undefined;
   }
 
   get result(): CheckResult {
@@ -102,7 +106,7 @@ export class CheckRunner {
 
   private async probe(): Promise<void> {
     if (this.stopped) return;
-    const r = this.def.kind === 'http' ? await runHttpCheck(this.def) : await runTcpCheck(this.def);
+    const r = this.def.kind === 'http' ? await runHttpCheck(this.def, this.insecure) : await runTcpCheck(this.def);
     this.set(r);
     if (!this.stopped) this.timer = setTimeout(() => void this.probe(), this.def.intervalMs);
   }
@@ -122,5 +126,6 @@ export class CheckRunner {
   stop(): void {
     this.stopped = true;
     clearTimeout(this.timer);
+    void this.insecure?.close();
   }
 }

@@ -13,7 +13,7 @@ import type { Duplex } from 'node:stream';
 import type { SecureContextOptions } from 'node:tls';
 import { once } from 'node:events';
 import { KnitError, ConfigError, type KnitErrorCode } from '../errors.js';
-import type { Logger } from '../log/logger.js';
+import { EVENTS, type Logger } from '../log/logger.js';
 
 /** Who is calling, as the edge established it. */
 export type Caller = { kind: 'operator' } | { kind: 'agent'; node: string } | { kind: 'anonymous' };
@@ -73,6 +73,8 @@ const STATUS: Partial<Record<KnitErrorCode, number>> = {
   KNIT_ERR_SERVER_UNAVAILABLE: 503,
   KNIT_ERR_NO_ENDPOINT: 503,
   KNIT_ERR_TIMEOUT: 504,
+  // A request that met a process shutting down may be retried elsewhere.
+  KNIT_ERR_CLOSED: 503,
   // The registry holds something the control plane did not sign, or refuses this process's credential.
   KNIT_ERR_SIGNATURE: 502,
   KNIT_ERR_REGISTRY_DENIED: 502,
@@ -233,7 +235,7 @@ async function answer(table: Compiled[], req: http.IncomingMessage, log: Logger,
   } catch (e) {
     const status = statusOf(e);
     const err = e instanceof KnitError ? e : new KnitError('KNIT_ERR_BAD_REQUEST', describe(e));
-    if (status === 500) log.error({ err: describe(e), method, path: clip(target) }, 'API handler failed');
+    if (status === 500) log.error({ event: EVENTS.apiHandlerFailed, err: describe(e), method, path: clip(target) }, 'API handler failed');
     const payload = JSON.stringify({ error: err.message, code: err.code, ...(e instanceof ConfigError ? { problems: e.problems } : {}) });
     return { status, type: 'application/json', payload };
   }
@@ -257,7 +259,7 @@ export function router(routes: Route[], log: Logger, authenticate: Authenticate)
     // Whatever escapes (a handler's invalid status, say) ends this request, never the process.
     handle(req, res)
       .catch((e: unknown) => {
-        log.error({ err: describe(e), method: req.method, path: clip(req.url ?? '') }, 'API request failed outside its handler');
+        log.error({ event: EVENTS.apiRequestFailed, err: describe(e), method: req.method, path: clip(req.url ?? '') }, 'API request failed outside its handler');
         if (res.headersSent) return void res.destroy();
         const payload = JSON.stringify({ error: 'internal error', code: 'KNIT_ERR_BAD_REQUEST' });
         res.writeHead(500, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload), connection: 'close' });
@@ -290,7 +292,7 @@ interface ConnState {
 function onClientError(log: Logger, conns: WeakMap<Duplex, ConnState>): (err: Error & { code?: string }, socket: Duplex) => void {
   return (err, socket) => {
     try {
-      log.debug({ err: err.code ?? err.message }, 'refused a malformed HTTP request');
+      log.debug({ event: EVENTS.apiMalformedRequest, err: err.code ?? err.message }, 'refused a malformed HTTP request');
       const reply = (): void => {
         try {
           if (!socket.writable) return void socket.destroy();
@@ -350,7 +352,7 @@ export async function listenApi(routes: Route[], host: string, port: number, log
     throw new KnitError('KNIT_ERR_LISTEN', `cannot listen on ${host}:${port}: ${(e as Error).message}`, { cause: e });
   }
   // After listening, a server 'error' is an accept failure (EMFILE under a connection flood): log it, keep serving.
-  server.on('error', (e) => log.error({ err: describe(e) }, `API listener on ${host}:${port} failed to accept a connection`));
+  server.on('error', (e) => log.error({ event: EVENTS.apiAcceptFailed, err: describe(e) }, `API listener on ${host}:${port} failed to accept a connection`));
   return { server, port: (server.address() as { port: number }).port };
 }
 

@@ -13,7 +13,7 @@ import type { AgentConfig } from '../config/node-config.js';
 import { loadServicesStrict } from '../config/services.js';
 import { Agent } from '../agent/agent.js';
 import { agentRoutes } from '../agent/admin.js';
-import { LeafManager } from '../agent/certs.js';
+import { LeafManager } from '../identity/leaf.js';
 import { ControlClient, enrol, rejoin, type AgentIdentity } from '../agent/control-client.js';
 import { readAgentIdentity, readRegistryAuth, writeAgentIdentity, writeRegistryAuth } from '../agent/identity-store.js';
 import { agentId } from '../identity/spiffe.js';
@@ -122,8 +122,12 @@ export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHa
     inboundPortBase: cfg.inboundPortBase, registry, signer: client, dataDir: cfg.dataDir, log, metrics,
     trust: () => ({ roots: ident.tls.trustBundlePem, trustDomain: ident.trustDomain }),
     nodeRecords: true,
+    maxConnectionsPerHost: cfg.maxConnectionsPerHost,
+    tcp: Object.fromEntries(Object.entries(cfg.tcp).filter(([, v]) => v !== undefined)),
     loadOptions: { allowRemoteUpstreams: cfg.allowRemoteUpstreams },
   });
+  // After the registry lost and re-created this agent's session, re-assert everything at once (not at the next anti-entropy pass).
+  const unsubscribe = registry.onResync?.(() => agent.resync());
   let server: http.Server | undefined;
   try {
     const api = await listenApi([...agentRoutes(agent, registry, metrics), ...controlPlaneHints(cfg.server)], cfg.adminHost, cfg.adminPort, log, { authenticate });
@@ -136,6 +140,7 @@ export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHa
       identity: ident.how,
       reload: () => agent.reload(),
       async stop(drainMs = cfg.drainMs) {
+        unsubscribe?.();
         agentLeaf.stop();
         await agent.stop(drainMs);
         server!.close();

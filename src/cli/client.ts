@@ -5,10 +5,26 @@
  */
 import { readFile } from 'node:fs/promises';
 import { request, Agent as Dispatcher } from 'undici';
-import { adminAddress, caFile, operatorTokenFile, serverAddress } from '../config/env.js';
+import { adminAddress, adminUrl, caFile, operatorTokenFile, serverAddress } from '../config/env.js';
 import { checkServer } from '../agent/control-client.js';
 
-export class CliError extends Error {}
+/** A failure the CLI reports as one line `knit: <message>` and exits with `exitCode` (default 1). */
+export class CliError extends Error {
+  constructor(message: string, readonly exitCode = 1) {
+    super(message);
+  }
+}
+
+/** `cp:7700` or `https://cp:7700`: the control plane's URL (https:// when no scheme is given). */
+export function serverUrl(v: string): string {
+  return /^[a-z][a-z0-9+.-]*:\/\//i.test(v) ? v : `https://${v}`;
+}
+
+/** A base URL checked once, so that a typo is a one-line reason rather than "Invalid URL". */
+function baseUrl(v: string, flag: string): string {
+  if (!URL.canParse(v)) throw new CliError(`${flag} ${v}: not an address (expected host:port or http://host:port)`);
+  return v;
+}
 
 export interface ApiOptions {
   admin?: string;
@@ -25,10 +41,14 @@ async function readOr(path: string, what: string, flag: string): Promise<string>
   }
 }
 
-/** Calls the admin API or the control plane; throws CliError with the server's error or a reason the user can act on. */
+/**
+ * Calls the admin API or the control plane (precedence: --server, --admin,
+ * $KNIT_SERVER, $KNIT_ADMIN_ADDR, http://127.0.0.1:7701); throws CliError with the server's error or a reason the user can act on. */
 export async function api<T>(o: ApiOptions, method: 'GET' | 'PUT' | 'POST' | 'DELETE', path: string, body?: unknown): Promise<T> {
-  const server = o.server ?? serverAddress();
-  const base = server ?? o.admin ?? adminAddress();
+  // An explicit flag wins over the environment: --admin reaches the local agent even with KNIT_SERVER set.
+  const rawServer = o.server ?? (o.admin ? undefined : serverAddress());
+  const server = rawServer === undefined ? undefined : baseUrl(serverUrl(rawServer), o.server ? '--server' : 'KNIT_SERVER');
+  const base = server ?? (o.admin ? baseUrl(adminUrl(o.admin), '--admin') : baseUrl(adminAddress(), 'KNIT_ADMIN_ADDR'));
   const headers: Record<string, string> = body === undefined ? {} : { 'content-type': 'application/json' };
   let dispatcher: Dispatcher | undefined;
   if (server) {

@@ -1,36 +1,83 @@
 /**
  * The `knit` command line: parses flags, calls into app/ or the admin API,
  * prints. Every command has --help; failures exit non-zero with one line.
+ *
+ * `--admin`, `--server`, `--token-file`, `--ca-file`, `--json` and
+ * `--log-format` are global: they work before or after the subcommand
+ * (`knit --json services` and `knit services --json`).
  */
-import { Command, Option } from 'commander';
+import { Command, CommanderError, Option } from 'commander';
 import { resolve } from 'node:path';
 import { startDev } from '../app/dev.js';
 import { startServer } from '../app/server.js';
 import { startAgent } from '../app/agent.js';
 import { loadAgentConfig, loadServerConfig } from '../config/node-config.js';
-import { createLogger } from '../log/logger.js';
+import { createLogger, flushLogs, EVENTS, type Logger, type LogFormat } from '../log/logger.js';
 import { installProcessGuard } from '../log/process-guard.js';
-import { logLevel, devDataDir } from '../config/env.js';
+import { logLevel, devDataDir, logFormat, LOG_FORMATS } from '../config/env.js';
 import { readIntentionsFile } from '../config/intentions-file.js';
+import { listServiceFiles } from '../config/services.js';
 import { ConfigError, KnitError, formatProblem } from '../errors.js';
 import type { ServiceSummary, Instance } from '../registry/registry.js';
 import type { ServiceState } from '../agent/agent.js';
 import { api, CliError, type ApiOptions } from './client.js';
 import { validate, printValidate } from './validate.js';
+import { listenFailure, type PortOwner } from './failures.js';
+
+/** The global options, as every action sees them (merged with its own by `optsWithGlobals`). */
+interface GlobalOpts extends ApiOptions {
+  json?: boolean;
+  logFormat?: LogFormat;
+}
 
 const program = new Command();
-program.name('knit').description('A service mesh for mixed fleets of VMs, bare metal, containers and Kubernetes').version('0.1.0');
+program
+  .name('knit')
+  .description('A service mesh for mixed fleets of VMs, bare metal, containers and Kubernetes')
+  .version('0.1.0')
+  .addOption(new Option('--admin <url>', 'admin API of the local knit, host:port or URL (default $KNIT_ADMIN_ADDR or http://127.0.0.1:7701)'))
+  .addOption(new Option('--server <url>', 'the control plane, e.g. https://cp:7700 (default $KNIT_SERVER; without it: the local admin API)'))
+  .addOption(new Option('--token-file <file>', 'operator token for --server (default $KNIT_TOKEN_FILE or /var/lib/knit/operator.token)'))
+  .addOption(new Option('--ca-file <file>', 'CA root for --server (default $KNIT_CA_FILE or /var/lib/knit/ca/root.pem)'))
+  .addOption(new Option('--json', 'print JSON (where the output is data)'))
+  .addOption(new Option('--log-format <format>', 'log lines: pretty (for people), json (one object per line) or auto: pretty on a terminal (default $KNIT_LOG_FORMAT or auto)').choices(LOG_FORMATS))
+  .configureHelp({ showGlobalOptions: true });
 
-const adminOpt = (): Option => new Option('--admin <url>', 'admin API of the local knit (default $KNIT_ADMIN_ADDR or http://127.0.0.1:7701)');
-/** Options of commands that may go to the control plane instead of the local admin API. */
-function withServer(c: Command): Command {
-  return c
-    .addOption(adminOpt())
-    .addOption(new Option('--server <url>', 'the control plane, e.g. https://cp:7700 (default $KNIT_SERVER; without it: the local admin API)'))
-    .addOption(new Option('--token-file <file>', 'operator token for --server (default $KNIT_TOKEN_FILE or /var/lib/knit/operator.token)'))
-    .addOption(new Option('--ca-file <file>', 'CA root for --server (default $KNIT_CA_FILE or /var/lib/knit/ca/root.pem)'));
+/** This command's options merged with the global ones. */
+function opts<T>(cmd: Command): T & GlobalOpts {
+  return cmd.optsWithGlobals<T & GlobalOpts>();
 }
-const jsonOpt = (): Option => new Option('--json', 'print JSON');
+
+/**
+ * The process's loggers, so that an exit waits until their lines are
+ * written (logging is asynchronous). The CLI is the composition root: this
+ * is the one place that knows the process is about to end.
+ */
+const loggers: Logger[] = [];
+
+/** The process logger for a long-running command, in the format the user chose. */
+function processLogger(cmd: Command, level: string): Logger {
+  let format: LogFormat;
+  try {
+    format = opts<object>(cmd).logFormat ?? logFormat();
+  } catch (e) {
+    throw new CliError((e as Error).message);
+  }
+  const log = createLogger({ level, format });
+  loggers.push(log);
+  // After too many uncaught exceptions the guard exits: with the lines that say why.
+  installProcessGuard(log, { exit: (code) => void exitAfterFlush(code) });
+  return log;
+}
+
+/** Exits once every logger's queued lines are written (bounded: a stuck stderr cannot hold the exit). */
+async function exitAfterFlush(code: number): Promise<never> {
+  await Promise.all(loggers.map((l) => flushLogs(l)));
+  process.exit(code);
+}
+
+/** What wanted a port, for a one-line "port in use" reason: the port's owner and how to move it. */
+const portOwners = new Map<number, PortOwner>();
 
 /** Parses `host:port`, allowing only loopback hosts for admin APIs. */
 function loopbackAddr(v: string): { host: string; port: number } {
@@ -49,26 +96,54 @@ function intArg(name: string) {
   };
 }
 
+/** Where `knit dev` looks for service files unless told. */
+const DEFAULT_CONFIG_DIR = '/etc/knit/services.d';
+
+/**
+ * The service files `knit dev` will load, saying which directory it looked
+ * in and how to point it elsewhere when that directory is missing or empty.
+ */
+async function devConfigDir(given: string | undefined): Promise<string> {
+  const dir = resolve(given ?? DEFAULT_CONFIG_DIR);
+  const which = given === undefined ? `${dir} (the default --config-dir)` : dir;
+  const elsewhere = '--config-dir DIR to point knit dev at your service files (e.g. --config-dir examples/hello/services)';
+  let files: string[];
+  try {
+    files = await listServiceFiles(dir);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new CliError(`no service files: ${which} does not exist; pass ${elsewhere}, or create it`);
+    if (code === 'ENOTDIR') throw new CliError(`${which} is not a directory; pass ${elsewhere}`);
+    throw new CliError(`cannot read ${which}: ${(e as Error).message}`);
+  }
+  if (files.length === 0) {
+    console.error(`knit dev: no service files (*.json, *.yaml, *.yml) in ${which}; starting with none. Add files there and send SIGHUP (or POST /v1/agent/reload), or restart with ${elsewhere}`);
+  }
+  return dir;
+}
+
 program
   .command('dev')
   .description('the whole mesh on one host in one process: control plane, embedded registry, agent, proxies')
-  .option('--config-dir <dir>', 'service definitions (*.json, *.yaml, *.yml)', '/etc/knit/services.d')
+  .option('--config-dir <dir>', `service definitions (*.json, *.yaml, *.yml) (default: "${DEFAULT_CONFIG_DIR}")`)
   .option('--data-dir <dir>', 'CA, trust domain and registry state', devDataDir())
   .option('--admin-addr <host:port>', 'admin API address (loopback only)', '127.0.0.1:7701')
   .option('--inbound-port-base <port>', 'first mesh inbound port (0: any free port)', intArg('--inbound-port-base'), 21000)
   .option('--trust-domain <name>', 'trust domain for a new CA (default <uuid>.knit)')
-  .action(async (o: { configDir: string; dataDir: string; adminAddr: string; inboundPortBase: number; trustDomain?: string }) => {
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<{ configDir?: string; dataDir: string; adminAddr: string; inboundPortBase: number; trustDomain?: string }>(cmd);
     const admin = loopbackAddr(o.adminAddr);
-    const log = createLogger({ level: logLevel() });
-    installProcessGuard(log);
+    const configDir = await devConfigDir(o.configDir);
+    const log = processLogger(cmd, logLevel());
+    portOwners.set(admin.port, { what: "knit dev's admin API", hint: 'is another knit dev running? --admin-addr 127.0.0.1:PORT uses another port' });
     let dev;
     try {
       dev = await startDev({
-        configDir: resolve(o.configDir), dataDir: resolve(o.dataDir), adminHost: admin.host, adminPort: admin.port,
+        configDir, dataDir: resolve(o.dataDir), adminHost: admin.host, adminPort: admin.port,
         inboundPortBase: o.inboundPortBase, trustDomain: o.trustDomain, initialDefault: 'allow', log,
       });
     } catch (e) {
-      configFailure(e, `the service files of ${o.configDir}`);
+      configFailure(e, `the service files of ${configDir}`);
     }
     for (const w of dev.warnings) console.error(`warning: ${formatProblem(w)}`);
     const out = [
@@ -97,7 +172,7 @@ function configFailure(e: unknown, what: string): never {
   throw e;
 }
 
-/** SIGHUP reloads, SIGTERM/SIGINT stop with a drain, then exit 0. */
+/** SIGHUP reloads, SIGTERM/SIGINT stop with a drain, then exit 0 once the last log lines are written. */
 function lifecycle(stop: () => Promise<void>, reload?: () => Promise<{ ok: boolean; problems: Parameters<typeof formatProblem>[0][] }>): void {
   if (reload) {
     process.on('SIGHUP', () => {
@@ -110,7 +185,13 @@ function lifecycle(stop: () => Promise<void>, reload?: () => Promise<{ ok: boole
   const onStop = (): void => {
     if (stopping) return;
     stopping = true;
-    void stop().then(() => process.exit(0));
+    void stop().then(
+      () => exitAfterFlush(0),
+      (e: unknown) => {
+        console.error(`knit: stopping failed: ${e instanceof Error ? e.message : String(e)}`);
+        return exitAfterFlush(1);
+      },
+    );
   };
   process.on('SIGTERM', onStop);
   process.on('SIGINT', onStop);
@@ -120,10 +201,11 @@ program
   .command('server')
   .description('control plane: CA, intentions, agent enrolment (HTTPS API, default :7700)')
   .option('--config <file>', 'server config', '/etc/knit/server.yaml')
-  .action(async (o: { config: string }) => {
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<{ config: string }>(cmd);
     const cfg = await loadServerConfig(o.config).catch((e: unknown) => configFailure(e, o.config));
-    const log = createLogger({ level: cfg.logLevel });
-    installProcessGuard(log);
+    const log = processLogger(cmd, cfg.logLevel);
+    portOwners.set(cfg.listenPort, { what: "knit server's API", hint: `is another knit server running? change listen: in ${o.config}` });
     const s = await startServer(cfg, log);
     console.log(
       [
@@ -140,11 +222,12 @@ program
   .command('agent')
   .description('the host agent: services, health checks, certificates, proxies')
   .option('--config <file>', 'agent config', '/etc/knit/agent.yaml')
-  .action(async (o: { config: string }) => {
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<{ config: string }>(cmd);
     const cfg = await loadAgentConfig(o.config).catch((e: unknown) => configFailure(e, o.config));
-    const log = createLogger({ level: cfg.logLevel });
-    installProcessGuard(log);
-    log.info(`waiting for the control plane at ${cfg.server} and the registry`);
+    const log = processLogger(cmd, cfg.logLevel);
+    portOwners.set(cfg.adminPort, { what: "knit agent's admin API", hint: `is another knit agent running on this host? change admin: in ${o.config}` });
+    log.info({ event: EVENTS.agentStarting, node: cfg.node, server: cfg.server }, `knit agent ${cfg.node}: waiting for the control plane at ${cfg.server} and the registry`);
     const a = await startAgent(cfg, log).catch((e: unknown) => configFailure(e, `${cfg.servicesDir} or ${cfg.joinTokenFile}`));
     const how = { enrolled: 'enrolled with the join token', rejoined: 'rejoined with its recorded key', stored: 'identity loaded' }[a.identity];
     console.log(`knit agent ${a.node}: ${how} in trust domain ${a.trustDomain}; admin API http://${cfg.adminHost}:${a.adminPort}\nknit agent ready`);
@@ -152,13 +235,14 @@ program
   });
 
 const token = program.command('token').description('join tokens for enrolling agents');
-withServer(token.command('create'))
+token
+  .command('create')
   .description('a single-use, expiring join token that enrols one node and names the services it may run')
   .requiredOption('--node <name>', 'the node (host) this token enrols; the agent must run with node: <name>')
   .requiredOption('--services <list>', 'services the node may run, comma-separated; a trailing * is a glob (web-*)')
   .option('--ttl <duration>', 'how long the token stays valid', '1h')
-  .addOption(jsonOpt())
-  .action(async (o: ApiOptions & { node: string; services: string; ttl: string; json?: boolean }) => {
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<{ node: string; services: string; ttl: string }>(cmd);
     const services = o.services.split(',').map((x) => x.trim()).filter(Boolean);
     const t = await api<{ token: string; expiresAt: string; node: string; services: string[] }>(o, 'POST', '/v1/tokens', { ttl: o.ttl, node: o.node, services });
     console.log(o.json ? JSON.stringify(t) : t.token);
@@ -178,59 +262,64 @@ const nodeLine = (n: NodeView): string =>
   `${n.node}  services=${n.services.join(',')}  ${n.revokedAt ? `REVOKED ${n.revokedAt}` : `cert until ${n.agentCertExpires ?? '-'}`}  last seen ${n.lastSeen ?? '-'}  key ${n.keyFingerprint?.slice(0, 16) ?? '-'}`;
 
 const node = program.command('node').description('nodes (hosts) and the services each may run; kept by the control plane');
-withServer(node.command('list'))
+node
+  .command('list')
   .description('every node: allowed services, key fingerprint, certificate expiry, last seen, revocation')
-  .addOption(jsonOpt())
-  .action(async (o: ApiOptions & { json?: boolean }) => {
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<object>(cmd);
     const list = await api<NodeView[]>(o, 'GET', '/v1/nodes');
     if (o.json) return console.log(JSON.stringify(list, null, 1));
     console.log(list.length ? list.map(nodeLine).join('\n') : 'no nodes enrolled');
   });
-withServer(node.command('set'))
+node
+  .command('set')
   .description('the services NODE may run (takes effect on its next signing; removed services are not renewed)')
   .argument('<node>')
   .requiredOption('--services <list>', 'comma-separated; a trailing * is a glob (web-*)')
-  .addOption(jsonOpt())
-  .action(async (name: string, o: ApiOptions & { services: string; json?: boolean }) => {
+  .action(async (name: string, _o: unknown, cmd: Command) => {
+    const o = opts<{ services: string }>(cmd);
     const services = o.services.split(',').map((x) => x.trim()).filter(Boolean);
     const n = await api<NodeView>(o, 'PUT', `/v1/nodes/${encodeURIComponent(name)}`, { services });
     console.log(o.json ? JSON.stringify(n) : nodeLine(n));
   });
-withServer(node.command('revoke'))
+node
+  .command('revoke')
   .description('no more renewals or signings for NODE; its registrations are removed and peers stop routing to it')
   .argument('<node>')
-  .addOption(jsonOpt())
-  .action(async (name: string, o: ApiOptions & { json?: boolean }) => {
+  .action(async (name: string, _o: unknown, cmd: Command) => {
+    const o = opts<object>(cmd);
     const n = await api<NodeView>(o, 'POST', `/v1/nodes/${encodeURIComponent(name)}/revoke`, {});
     console.log(o.json ? JSON.stringify(n) : `${nodeLine(n)}\nremoved ${n.evicted?.length ?? 0} instance(s)`);
   });
 
 program
   .command('validate')
-  .description('check service and intention files; prints every error with file, line and field')
+  .description('check service, intention and agent/server config files; prints every error with file, line and field')
   .argument('<dir-or-file>')
   .option('--allow-remote-upstreams', 'accept upstreams on non-loopback addresses (as agent.yaml allow_remote_upstreams: true)')
-  .addOption(jsonOpt())
-  .action(async (target: string, o: { json?: boolean; allowRemoteUpstreams?: boolean }) => {
+  .action(async (target: string, _o: unknown, cmd: Command) => {
+    const o = opts<{ allowRemoteUpstreams?: boolean }>(cmd);
     process.exitCode = printValidate(await validate(target, { allowRemoteUpstreams: !!o.allowRemoteUpstreams }), !!o.json);
   });
 
-withServer(program.command('services'))
+program
+  .command('services')
   .description('services and their healthy instances as the registry sees them')
-  .option('--watch', 'print again whenever something changes')
-  .addOption(jsonOpt())
-  .action(async (o: ApiOptions & { watch?: boolean; json?: boolean }) => {
+  .option('--watch', 'print again whenever something changes (with --json: one compact JSON document per line)')
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<{ watch?: boolean }>(cmd);
     let last = '';
     for (;;) {
       const list = await api<Array<Omit<ServiceSummary, 'instances'> & { instances: Instance[] }>>(o, 'GET', '/v1/services');
       const text = o.json
-        ? JSON.stringify(list, null, 1)
+        ? // Watching: one document per line, so that `| while read` and jq -c consumers see whole documents.
+          o.watch ? JSON.stringify(list) : JSON.stringify(list, null, 1)
         : list.length === 0
           ? 'no services registered'
           : list
               .map((s) => [`${s.name}  ${s.routable}/${s.instances.length} routable`, ...s.instances.map((i) => `  ${i.id}  ${i.address}:${i.port}  ${i.health}`)].join('\n'))
               .join('\n');
-      if (text !== last) console.log(o.watch && last ? `\n${text}` : text);
+      if (text !== last) console.log(o.watch && last && !o.json ? `\n${text}` : text);
       last = text;
       if (!o.watch) return;
       await new Promise((r) => setTimeout(r, 1000));
@@ -249,34 +338,42 @@ const printIntentions = (v: IntentionsView, json?: boolean): void => {
 
 const intention = program.command('intention').description('manage intentions (allow/deny between services)');
 for (const act of ['allow', 'deny'] as const) {
-  withServer(intention.command(act))
+  intention
+    .command(act)
     .description(`${act} connections from SRC to DST (either may be "*")`)
     .argument('<src>')
     .argument('<dst>')
-    .addOption(jsonOpt())
-    .action(async (source: string, destination: string, o: ApiOptions & { json?: boolean }) => {
+    .action(async (source: string, destination: string, _o: unknown, cmd: Command) => {
+      const o = opts<object>(cmd);
       await api(o, 'PUT', '/v1/intentions', { source, destination, action: act });
       if (o.json) console.log(JSON.stringify({ source, destination, action: act }));
       else console.log(`${source} -> ${destination}: ${act}`);
     });
 }
-withServer(intention.command('delete'))
+intention
+  .command('delete')
   .description('delete the intention from SRC to DST')
   .argument('<src>')
   .argument('<dst>')
-  .action(async (source: string, destination: string, o: ApiOptions) => {
+  .action(async (source: string, destination: string, _o: unknown, cmd: Command) => {
+    const o = opts<object>(cmd);
     await api(o, 'DELETE', `/v1/intentions?source=${encodeURIComponent(source)}&destination=${encodeURIComponent(destination)}`);
-    console.log(`deleted ${source} -> ${destination}`);
+    if (o.json) console.log(JSON.stringify({ source, destination, deleted: true }));
+    else console.log(`deleted ${source} -> ${destination}`);
   });
-withServer(intention.command('list'))
+intention
+  .command('list')
   .description('list intentions by precedence, and the default')
-  .addOption(jsonOpt())
-  .action(async (o: ApiOptions & { json?: boolean }) => printIntentions(await api<IntentionsView>(o, 'GET', '/v1/intentions'), o.json));
-withServer(intention.command('apply'))
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<object>(cmd);
+    printIntentions(await api<IntentionsView>(o, 'GET', '/v1/intentions'), o.json);
+  });
+intention
+  .command('apply')
   .description('replace all intentions with those of a file (and its default, if it sets one)')
   .requiredOption('-f, --file <file>', 'intentions file (YAML or JSON)')
-  .addOption(jsonOpt())
-  .action(async (o: ApiOptions & { file: string; json?: boolean }) => {
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<{ file: string }>(cmd);
     let f;
     try {
       f = await readIntentionsFile(o.file);
@@ -291,22 +388,37 @@ withServer(intention.command('apply'))
     if (!o.json) console.log(`applied ${f.intentions.length} intention(s) from ${o.file}`);
     printIntentions(v, o.json);
   });
-withServer(intention.command('check'))
-  .description('the decision for SRC -> DST and the rule (or default) behind it')
+
+/** `knit intention check` exit statuses, as `consul intention check`: so scripts can branch on the decision. */
+const CHECK_EXIT = { allowed: 0, denied: 1, error: 2 } as const;
+
+intention
+  .command('check')
+  .description(`the decision for SRC -> DST and the rule (or default) behind it; exits ${CHECK_EXIT.allowed} when allowed, ${CHECK_EXIT.denied} when denied, ${CHECK_EXIT.error} on error (as consul intention check)`)
   .argument('<src>')
   .argument('<dst>')
-  .addOption(jsonOpt())
-  .action(async (source: string, destination: string, o: ApiOptions & { json?: boolean }) => {
-    const d = await api<{ allow: boolean; rule: string }>(o, 'GET', `/v1/intentions/check?source=${encodeURIComponent(source)}&destination=${encodeURIComponent(destination)}`);
+  // A usage error must not read as "denied" (1): Consul exits 2 for those too.
+  .exitOverride((err) => {
+    throw new CommanderError(err.exitCode === 0 ? 0 : CHECK_EXIT.error, err.code, err.message);
+  })
+  .action(async (source: string, destination: string, _o: unknown, cmd: Command) => {
+    const o = opts<object>(cmd);
+    let d: { allow: boolean; rule: string };
+    try {
+      d = await api<{ allow: boolean; rule: string }>(o, 'GET', `/v1/intentions/check?source=${encodeURIComponent(source)}&destination=${encodeURIComponent(destination)}`);
+    } catch (e) {
+      throw new CliError(e instanceof Error ? e.message : String(e), CHECK_EXIT.error);
+    }
     if (o.json) console.log(JSON.stringify({ source, destination, ...d }));
     else console.log(`${d.allow ? 'allowed' : 'denied'}: ${source} -> ${destination} by ${d.rule}`);
+    process.exitCode = d.allow ? CHECK_EXIT.allowed : CHECK_EXIT.denied;
   });
 
 const ca = program.command('ca').description('the certificate authority');
-withServer(ca.command('roots'))
+ca.command('roots')
   .description('print the trust bundle (PEM)')
-  .addOption(jsonOpt())
-  .action(async (o: ApiOptions & { json?: boolean }) => {
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<object>(cmd);
     const r = await api<{ trustDomain: string; roots: string[] }>(o, 'GET', '/v1/ca/roots');
     console.log(o.json ? JSON.stringify(r, null, 1) : r.roots.join('\n').trim());
   });
@@ -314,9 +426,8 @@ withServer(ca.command('roots'))
 program
   .command('check')
   .description('diagnostics to run when something is wrong')
-  .addOption(adminOpt())
-  .addOption(jsonOpt())
-  .action(async (o: ApiOptions & { json?: boolean }) => {
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<object>(cmd);
     const findings: Array<{ level: 'ok' | 'warn' | 'error'; what: string }> = [];
     const state = await api<{ node: string; trustDomain: string; services: ServiceState[] }>(o, 'GET', '/v1/state');
     findings.push({ level: 'ok', what: `agent ${state.node} in trust domain ${state.trustDomain}, ${state.services.length} service(s)` });
@@ -340,8 +451,10 @@ program
     if (findings.some((f) => f.level === 'error')) process.exitCode = 1;
   });
 
-program.parseAsync(process.argv).catch((e: unknown) => {
-  const msg = e instanceof CliError || e instanceof KnitError ? e.message : e instanceof Error ? e.message : String(e);
+program.parseAsync(process.argv).catch(async (e: unknown) => {
+  // Commander has already printed its own usage error (or help).
+  if (e instanceof CommanderError) return exitAfterFlush(e.exitCode);
+  const msg = listenFailure(e, portOwners) ?? (e instanceof CliError || e instanceof KnitError ? e.message : e instanceof Error ? e.message : String(e));
   console.error(`knit: ${msg}`);
-  process.exit(1);
+  return exitAfterFlush(e instanceof CliError ? e.exitCode : 1);
 });

@@ -26,25 +26,89 @@ function lineAt(lc: LineCounter, offset: number): number {
   return lc.linePos(offset).line;
 }
 
+/** 1-based line and column of a character offset in `text`. */
+export function positionOf(text: string, offset: number): { line: number; column: number } {
+  const before = text.slice(0, Math.max(0, Math.min(offset, text.length)));
+  const nl = before.lastIndexOf('\n');
+  return { line: before.split('\n').length, column: before.length - nl };
+}
+
+/**
+ * Where JSON.parse stopped, from its message: V8 says "at position N" for
+ * most errors and nothing for a truncated document. An error at or past the
+ * last non-blank character means the file ended too early: it is placed
+ * just after that character, not on the empty line after the final newline.
+ */
+function jsonError(message: string, text: string): { offset: number; truncated: boolean } {
+  const end = text.trimEnd().length;
+  const pos = /position (\d+)/.exec(message);
+  const at = pos ? Number(pos[1]) : end;
+  return at >= end ? { offset: end, truncated: true } : { offset: at, truncated: false };
+}
+
+/** JSON syntax problems, with line and column (JSON.parse's own check: JSON files must be strict JSON). */
+function jsonProblems(file: string, text: string): FileProblem[] {
+  try {
+    JSON.parse(text);
+    return [];
+  } catch (e) {
+    const msg = (e as Error).message;
+    const { offset, truncated } = jsonError(msg, text);
+    const { line, column } = positionOf(text, offset);
+    const what = truncated ? 'unexpected end of file (a missing } or ]?)' : msg.replace(/ in JSON at position \d+.*$/, '').replace(/ at position \d+.*$/, '');
+    return [{ file, line, message: `JSON syntax error at column ${column}: ${what}` }];
+  }
+}
+
+/** First non-blank column (1-based) of a line. */
+function indentColumn(text: string, line: number): number {
+  const l = text.split('\n')[line - 1] ?? '';
+  return l.length - l.trimStart().length + 1;
+}
+
+/**
+ * The yaml parser's errors as problems on the line a reader must fix. An
+ * over-indented key (`name: web` then `   port: 80`) is read as a plain
+ * scalar continuing onto the next line; the parser reports it where that
+ * scalar starts, one line too early, so the line is taken from where the
+ * continuation ends instead.
+ */
+function yamlProblems(file: string, text: string, lc: LineCounter, errors: ReadonlyArray<{ code: string; pos: [number, number]; message: string }>): FileProblem[] {
+  const out: FileProblem[] = [];
+  const seen = new Set<string>();
+  const multiline = errors.find((e) => e.code === 'MULTILINE_IMPLICIT_KEY');
+  for (const err of errors) {
+    let line: number;
+    let message: string;
+    if (multiline && (err.code === 'BLOCK_AS_IMPLICIT_KEY' || err.code === 'MULTILINE_IMPLICIT_KEY')) {
+      line = lineAt(lc, multiline.pos[1]);
+      message = `YAML syntax error at column ${indentColumn(text, line)}: bad indentation: this line is indented deeper than the key above it; align it with its sibling keys (or indent it under a key that ends with ":")`;
+    } else if (err.code === 'BAD_INDENT' || err.code === 'MISSING_CHAR' || err.code === 'TAB_AS_INDENT' || err.code === 'UNEXPECTED_TOKEN') {
+      line = lineAt(lc, err.pos[0]);
+      const first = err.message.split('\n')[0]!.replace(/\s*at line \d+, column \d+:?$/, '');
+      message = `YAML syntax error at column ${indentColumn(text, line)}: ${first}`;
+    } else {
+      const p = lc.linePos(err.pos[0]);
+      line = p.line;
+      message = `YAML syntax error at column ${p.col}: ${err.message.split('\n')[0]!.replace(/\s*at line \d+, column \d+:?$/, '')}`;
+    }
+    if (seen.has(`${line}\u0000${message}`)) continue;
+    seen.add(`${line}\u0000${message}`);
+    out.push({ file, line, message });
+  }
+  return out;
+}
+
 /** Parses `text` as JSON (by file extension) or YAML; returns the document or syntax problems. */
 export function parseLocated(file: string, text: string): { doc?: LocatedDocument; problems: FileProblem[] } {
-  const problems: FileProblem[] = [];
   if (file.endsWith('.json')) {
-    try {
-      JSON.parse(text);
-    } catch (e) {
-      const msg = (e as Error).message;
-      const pos = /position (\d+)/.exec(msg);
-      const line = pos ? text.slice(0, Number(pos[1])).split('\n').length : undefined;
-      problems.push({ file, line, message: `JSON syntax error: ${msg.replace(/ at position \d+.*$/, '')}` });
-      return { problems };
-    }
+    const problems = jsonProblems(file, text);
+    if (problems.length) return { problems };
   }
+  const problems: FileProblem[] = [];
   const lc = new LineCounter();
   const doc: Document = parseDocument(text, { lineCounter: lc, uniqueKeys: true, prettyErrors: false });
-  for (const err of doc.errors) {
-    problems.push({ file, line: lineAt(lc, err.pos[0]), message: `syntax error: ${err.message.split('\n')[0]}` });
-  }
+  problems.push(...yamlProblems(file, text, lc, doc.errors));
   if (problems.length) return { problems };
 
   const nodeAt = (path: ReadonlyArray<string | number>): Node | undefined => {
@@ -99,7 +163,23 @@ export function splitPointer(pointer: string, value: unknown): Array<string | nu
   return out;
 }
 
+/** A value as a message shows it: short, and typed where JSON would hide the type. */
+function shown(v: unknown): string {
+  if (typeof v === 'string') return `the string ${JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}...` : v)}`;
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'a list';
+  if (typeof v === 'object') return 'a map';
+  return `${typeof v} ${JSON.stringify(v) ?? typeof v}`;
+}
+
+/**
+ * A schema may carry `x-hint`: the message for a `pattern`/`const` failure,
+ * in words the user knows (Ajv itself would print the regular expression).
+ */
+type Annotated = { 'x-hint'?: string; minimum?: number; maximum?: number };
+
 function describeAjv(e: ErrorObject): { extraKey?: string; message: string } {
+  const schema = (e.parentSchema ?? {}) as Annotated;
   switch (e.keyword) {
     case 'additionalProperties': {
       const key = (e.params as { additionalProperty: string }).additionalProperty;
@@ -108,15 +188,19 @@ function describeAjv(e: ErrorObject): { extraKey?: string; message: string } {
     case 'required':
       return { message: `missing required field "${(e.params as { missingProperty: string }).missingProperty}"` };
     case 'type':
-      return { message: `must be ${(e.params as { type: string }).type}` };
+      return { message: `must be ${(e.params as { type: string }).type}, not ${shown(e.data)}` };
     case 'minimum':
     case 'maximum': {
       const { limit } = e.params as { limit: number };
       // Every bounded integer in knit's files is a port except where the schema says otherwise.
-      return { message: e.parentSchema && (e.parentSchema as { maximum?: number }).maximum === 65535 ? 'must be an integer from 1 to 65535 (port out of range)' : `must be ${e.keyword === 'minimum' ? '>=' : '<='} ${limit}` };
+      return { message: schema.maximum === 65535 ? `must be a port number from ${schema.minimum ?? 0} to 65535 (port out of range)` : `must be ${e.keyword === 'minimum' ? '>=' : '<='} ${limit}` };
     }
     case 'enum':
       return { message: `must be ${(e.params as { allowedValues: unknown[] }).allowedValues.map((v) => JSON.stringify(v)).join(' or ')}` };
+    case 'const':
+      return { message: schema['x-hint'] ?? `must be ${JSON.stringify((e.params as { allowedValue: unknown }).allowedValue)}` };
+    case 'pattern':
+      return { message: schema['x-hint'] ?? e.message ?? 'has the wrong form' };
     case 'minProperties':
     case 'maxProperties':
       return e.instancePath === '' ? { message: 'a service file holds exactly one of "service" or "services"' } : { message: `at most 64 meta pairs` };

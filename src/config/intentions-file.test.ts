@@ -27,3 +27,20 @@ for (const [what, text, line, re] of bad) {
     });
   });
 }
+
+test('regression: a type error in one intention hid the problems of the others', () => {
+  assert.throws(() => parseIntentionsFile('i.yaml', 'default: deny\nintentions:\n  - { source: 1, destination: b, action: allow }\n  - { source: "a b", destination: b, action: allow }\n  - { source: c, destination: d, action: permit }\n'), (e: unknown) => {
+    assert.ok(e instanceof ConfigError);
+    assert.deepEqual(e.problems.map((p) => [p.line, p.field]), [
+      [3, 'intentions[0].source'],
+      [5, 'intentions[2].action'],
+      [4, 'intentions[1].source'],
+    ]);
+    assert.match(e.problems[0]!.message, /must be string, not number 1/);
+    return true;
+  });
+});
+
+test('an intentions file whose intentions are not a list says so once', () => {
+  assert.throws(() => parseIntentionsFile('i.yaml', 'intentions: { source: a }\n'), (e: unknown) => e instanceof ConfigError && e.problems.length === 1 && /intentions: must be array, not a map/.test(e.message));
+});

@@ -45,23 +45,30 @@ export interface IntentionsFile {
   intentions: Intention[];
 }
 
-/** Parses an intentions file; throws ConfigError with every problem. */
+/**
+ * Parses an intentions file; throws ConfigError with every problem. A wrong
+ * type in one entry does not hide the problems of the others.
+ */
 export function parseIntentionsFile(file: string, text: string): IntentionsFile {
   const { doc, problems } = parseLocated(file, text);
   if (!doc) throw new ConfigError(problems);
-  const out: FileProblem[] = [];
-  const schema = schemaProblems(doc, validate);
-  if (schema.length) throw new ConfigError(schema);
-  const value = doc.value as { default?: Action; intentions: Intention[] };
+  const out: FileProblem[] = schemaProblems(doc, validate);
+  const value = (typeof doc.value === 'object' && doc.value !== null ? doc.value : {}) as { default?: Action; intentions?: unknown };
+  const list = Array.isArray(value.intentions) ? (value.intentions as unknown[]) : [];
   const seen = new Map<string, number>();
-  value.intentions.forEach((i, n) => {
+  list.forEach((raw, n) => {
+    if (typeof raw !== 'object' || raw === null) return;
+    const i = raw as Partial<Record<'source' | 'destination', unknown>>;
     for (const side of ['source', 'destination'] as const) {
+      const v = i[side];
+      if (typeof v !== 'string') continue;
       try {
-        validateSide(i[side], side);
+        validateSide(v, side);
       } catch (e) {
         out.push({ file, line: doc.lineOf(['intentions', n, side]), field: fieldPath(['intentions', n, side]), message: (e as Error).message });
       }
     }
+    if (typeof i.source !== 'string' || typeof i.destination !== 'string') return;
     const k = `${i.source}\u0000${i.destination}`;
     const first = seen.get(k);
     if (first !== undefined) {
@@ -69,7 +76,7 @@ export function parseIntentionsFile(file: string, text: string): IntentionsFile 
     } else seen.set(k, n);
   });
   if (out.length) throw new ConfigError(out);
-  return { defaultAction: value.default, intentions: value.intentions.map((i) => ({ ...i })) };
+  return { defaultAction: value.default, intentions: (list as Intention[]).map((i) => ({ ...i })) };
 }
 
 /** Reads and parses an intentions file from disk. */

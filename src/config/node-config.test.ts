@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { loadAgentConfig, loadServerConfig } from './node-config.js';
+import { loadAgentConfig, loadServerConfig, parseAgentConfig, parseServerConfig, nodeConfigKind } from './node-config.js';
 import { ConfigError } from '../errors.js';
 
 async function withFile(text: string, fn: (file: string) => Promise<void>): Promise<void> {
@@ -37,7 +37,7 @@ test('an agent config with defaults', async () => {
 
 const badAgent: Array<[string, string, number | undefined, RegExp]> = [
   ['missing server', 'registry: zk://h:2181/knit\n', undefined, /missing required field "server"/],
-  ['http server', 'registry: zk://h:2181/knit\nserver: http://cp:7700\n', 2, /server: must match pattern/],
+  ['http server', 'registry: zk://h:2181/knit\nserver: http://cp:7700\n', 2, /server: must be an https:\/\/ URL/],
   ['unknown field', 'registry: zk://h:2181/knit\nserver: https://cp:7700\nregistery: x\n', 3, /registery: unknown field "registery"/],
   ['bad registry URL', 'registry: etcd://h:1\nserver: https://cp:7700\n', 1, /registry: registry URL "etcd:\/\/h:1": expected/],
   ['embedded registry on an agent', 'registry: "embedded:"\nserver: https://cp:7700\n', 1, /an agent needs a shared registry/],
@@ -71,4 +71,61 @@ test('server config: defaults, and bad TTLs or trust domains are refused', async
     await assert.rejects(loadServerConfig(file), (e: unknown) => e instanceof ConfigError && /leaf_ttl: must be at least 10000 ms/.test(e.message) && /trust_domain: .*lowercase/.test(e.message));
   });
   await assert.rejects(loadServerConfig('/nonexistent/server.yaml'), /\/nonexistent\/server\.yaml: cannot read/);
+});
+
+test('regression: a type error hid the other problems of agent.yaml (every problem is reported at once)', () => {
+  const r = parseAgentConfig('agent.yaml', 'registry: zk://h:2181/knit\nserver: https://cp:7700\ninbound_port_base: "21000"\nadmin: 127.0.0.1:70000\ndrain: soon\n');
+  assert.equal(r.config, undefined);
+  assert.deepEqual(r.problems.map((p) => [p.line, p.field]), [
+    [3, 'inbound_port_base'],
+    [5, 'drain'],
+    [4, 'admin'],
+  ]);
+  assert.match(r.problems[0]!.message, /must be integer, not the string "21000"/);
+});
+
+const refusedAtStart: Array<['agent' | 'server', string, string, number, RegExp]> = [
+  ['agent', 'admin port out of range', 'admin: 127.0.0.1:65536\n', 3, /admin: port 65536 in "127\.0\.0\.1:65536" is out of range \(0 to 65535\)/],
+  ['agent', 'admin without a port', 'admin: 127.0.0.1\n', 3, /admin: "127\.0\.0\.1" is not host:port/],
+  ['agent', 'inbound port base out of range', 'inbound_port_base: 70000\n', 3, /inbound_port_base: must be a port number from 0 to 65535/],
+  ['agent', 'a bind address that is not an IP', 'bind: eth0\n', 3, /bind: "eth0" is not an IP address to bind/],
+  ['agent', 'an advertise address with a space', 'advertise: "10.0.0.1 10.0.0.2"\n', 3, /advertise: .* neither an IP address nor a host name/],
+  ['server', 'listen port out of range', 'listen: 0.0.0.0:99999\n', 2, /listen: port 99999 in "0\.0\.0\.0:99999" is out of range/],
+  ['server', 'listen on a name that is not an address', 'listen: cp.example.com:7700\n', 2, /listen: "cp\.example\.com" is not an IP address to bind/],
+  ['server', 'an advertise name that cannot go into a certificate', 'advertise: [cp.example.com, "bad name"]\n', 2, /advertise\[1\]: "bad name" is neither an IP address nor a DNS name/],
+  ['server', 'a ZooKeeper port out of range', '', 1, /registry: registry URL "zk:\/\/h:99999\/knit": port 99999 .* out of range/],
+  ['server', 'the consul registry, which is not implemented yet', '', 1, /registry: the consul:\/\/ registry is not implemented yet/],
+];
+for (const [kind, what, extra, line, re] of refusedAtStart) {
+  test(`${kind} config: ${what} is refused (it would fail at start), with line and field`, () => {
+    const registry = what.includes('ZooKeeper port') ? 'zk://h:99999/knit' : what.includes('consul') ? 'consul://127.0.0.1:8500' : kind === 'agent' ? 'zk://h:2181/knit' : '"embedded:"';
+    const text = kind === 'agent' ? `registry: ${registry}\nserver: https://cp:7700\n${extra}` : `registry: ${registry}\n${extra}`;
+    const r = kind === 'agent' ? parseAgentConfig('c.yaml', text) : parseServerConfig('c.yaml', text);
+    assert.equal(r.config, undefined);
+    const p = r.problems.find((x) => re.test(`${x.field}: ${x.message}`));
+    assert.ok(p, JSON.stringify(r.problems));
+    assert.equal(p.line, line);
+  });
+}
+
+test('agent config: a server URL with a port out of range is refused', () => {
+  const r = parseAgentConfig('c.yaml', 'registry: zk://h:2181/knit\nserver: https://cp:70000\n');
+  assert.match(r.problems[0]?.message ?? '', /port 70000 in "https:\/\/cp:70000" is out of range \(1 to 65535\)/);
+});
+
+test('agent and server configs: port 0 (any free port) and IPv6 addresses are accepted', () => {
+  const a = parseAgentConfig('a.yaml', 'registry: zk://[::1]:2181/knit\nserver: https://[::1]:7700\nadmin: "[::1]:0"\nbind: "::"\n');
+  assert.deepEqual(a.problems, []);
+  assert.deepEqual([a.config?.adminHost, a.config?.adminPort], ['::1', 0]);
+  const s = parseServerConfig('s.yaml', 'registry: "embedded:"\nlisten: 127.0.0.1:0\n');
+  assert.deepEqual(s.problems, []);
+  assert.equal(s.config?.listenPort, 0);
+});
+
+test('which node config a file is, by its keys', () => {
+  assert.equal(nodeConfigKind({ registry: 'x', server: 'https://cp' }), 'agent');
+  assert.equal(nodeConfigKind({ registry: 'x', admin: '127.0.0.1:1' }), 'agent');
+  assert.equal(nodeConfigKind({ registry: 'x', listen: '0.0.0.0:7700' }), 'server');
+  assert.equal(nodeConfigKind({ service: { name: 'a' } }), undefined);
+  assert.equal(nodeConfigKind(null), undefined);
 });

@@ -2,21 +2,28 @@
  * `/etc/knit/agent.yaml` and `/etc/knit/server.yaml`: read, checked against
  * a schema (every problem with file, line and field), and normalised with
  * defaults. Durations are Go-style strings, addresses `host:port`.
+ *
+ * Every value that would make the process fail at start (a port out of
+ * range, an address that cannot be bound, a registry knit cannot open) is
+ * refused here, all at once: a wrong type does not hide the other problems
+ * of the file. `knit validate` runs the same checks.
  */
 import { readFile } from 'node:fs/promises';
+import { isIP } from 'node:net';
 import { networkInterfaces } from 'node:os';
 import { ConfigError, type FileProblem } from '../errors.js';
-import { ajv, parseLocated, schemaProblems, type LocatedDocument } from './document.js';
+import { ajv, fieldPath, parseLocated, schemaProblems, type LocatedDocument } from './document.js';
 import { parseDuration } from './duration.js';
 import { parseRegistryUrl, type RegistryUrl } from './registry-url.js';
 import { defaultNodeName } from './env.js';
 import { validateSegment, validateTrustDomain } from '../identity/spiffe.js';
-import { isLoopback } from './services.js';
+import { isHostOrAddress, isLoopback, parseHostPort } from './services.js';
 
 /** The CA's shortest leaf (identity/ca.ts MIN_LEAF_TTL_MS), repeated so that config stays free of the x509 library. */
 const MIN_LEAF_TTL_MS = 10_000;
 
-const hostPort = { type: 'string', pattern: '^(\\[[0-9a-fA-F:]+\\]|[A-Za-z0-9.-]+):\\d{1,5}$' } as const;
+// host:port is checked by parseHostPort (with the port's range), not by a pattern.
+const hostPort = { type: 'string', minLength: 1 } as const;
 const str = { type: 'string', minLength: 1 } as const;
 const port = { type: 'integer', minimum: 0, maximum: 65535 } as const;
 
@@ -28,7 +35,7 @@ const agentSchema = {
     node: str,
     data_dir: str,
     registry: str,
-    server: { type: 'string', pattern: '^https://' },
+    server: { type: 'string', pattern: '^https://', 'x-hint': 'must be an https:// URL (the control plane speaks only TLS), e.g. https://cp.example.com:7700' },
     join_token_file: str,
     services_dir: str,
     advertise: str,
@@ -38,7 +45,11 @@ const agentSchema = {
     admin_token_file: str,
     allow_remote_upstreams: { type: 'boolean' },
     inbound_port_base: port,
+    max_connections_per_host: { type: 'integer', minimum: 1, maximum: 1_000_000 },
     drain: str,
+    tcp_keepalive: str,
+    idle_timeout: str,
+    tcp_nodelay: { type: 'boolean' },
     log_level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] },
   },
 } as const;
@@ -82,7 +93,11 @@ export interface AgentConfig {
   /** Upstreams may bind non-loopback addresses (anyone reaching them speaks as the service). */
   allowRemoteUpstreams: boolean;
   inboundPortBase: number;
+  /** Connections all of this host's proxies may hold at once (a flood cannot exhaust the host's file descriptors). */
+  maxConnectionsPerHost?: number;
   drainMs: number;
+  /** Socket settings of every proxied connection (defaults in proxy/limits.ts: keepalive 10s, idle 1h, no Nagle). */
+  tcp: { keepAliveMs?: number; idleTimeoutMs?: number; noDelay?: boolean };
   logLevel: string;
 }
 
@@ -120,34 +135,53 @@ export function splitHostPort(v: string): { host: string; port: number } {
 
 type Raw = Record<string, unknown>;
 
-/** Reads a config file and returns its raw value, or throws ConfigError with every schema problem. */
-async function readConfig(file: string, validate: ReturnType<typeof ajv.compile>): Promise<{ raw: Raw; doc: LocatedDocument }> {
-  let text: string;
+/** Reads a config file's text, or throws ConfigError naming it. */
+async function readText(file: string): Promise<string> {
   try {
-    text = await readFile(file, 'utf8');
+    return await readFile(file, 'utf8');
   } catch (e) {
     throw new ConfigError([{ file, message: `cannot read: ${(e as Error).message}` }]);
   }
-  const { doc, problems } = parseLocated(file, text);
-  if (!doc) throw new ConfigError(problems);
-  const schema = schemaProblems(doc, validate);
-  if (schema.length) throw new ConfigError(schema);
-  return { raw: doc.value as Raw, doc };
 }
 
-/** Checks the semantic parts the schema cannot: durations, registry URL, names. */
+/** Parses and schema-checks a config text; the raw value is `{}` when the file is not a map. */
+function parseConfig(file: string, text: string, validate: ReturnType<typeof ajv.compile>): { raw: Raw; doc?: LocatedDocument; problems: FileProblem[] } {
+  const { doc, problems } = parseLocated(file, text);
+  if (!doc) return { raw: {}, problems };
+  const raw = typeof doc.value === 'object' && doc.value !== null && !Array.isArray(doc.value) ? (doc.value as Raw) : {};
+  return { raw, doc, problems: [...problems, ...schemaProblems(doc, validate)] };
+}
+
+/**
+ * Checks the semantic parts the schema cannot: durations, addresses and
+ * their ports, the registry URL, names. Each reader looks only at a value
+ * of the right type: a wrong type is the schema's problem, reported once.
+ */
 class Checker {
-  readonly problems: FileProblem[] = [];
-  constructor(private readonly doc: LocatedDocument, private readonly raw: Raw) {}
+  readonly problems: FileProblem[];
+  constructor(private readonly doc: LocatedDocument, private readonly raw: Raw, schema: FileProblem[]) {
+    this.problems = [...schema];
+  }
 
   private add(field: string, message: string): void {
-    this.problems.push({ file: this.doc.file, line: this.doc.lineOf([field]), field, message });
+    this.addAt([field], message);
+  }
+
+  /** Records a problem at a path inside the file (`['advertise', 1]`). */
+  addAt(path: Array<string | number>, message: string): void {
+    this.problems.push({ file: this.doc.file, line: this.doc.lineOf(path), field: fieldPath(path), message });
+  }
+
+  /** The string at `field`, when it is one. */
+  str(field: string): string | undefined {
+    const v = this.raw[field];
+    return typeof v === 'string' ? v : undefined;
   }
 
   duration(field: string, fallback: number, min: number): number {
-    const v = this.raw[field];
+    const v = this.str(field);
     if (v === undefined) return fallback;
-    const ms = parseDuration(v as string);
+    const ms = parseDuration(v);
     if (ms === undefined || ms < min) {
       this.add(field, ms === undefined ? `${JSON.stringify(v)} is not a duration (e.g. "10s", "24h")` : `must be at least ${min} ms`);
       return fallback;
@@ -155,13 +189,48 @@ class Checker {
     return ms;
   }
 
+  /** A `host:port` field (port 0: any free port), or `fallback`. */
+  hostPort(field: string, fallback: string): { host: string; port: number } {
+    const v = this.str(field) ?? fallback;
+    const hp = parseHostPort(v, 0);
+    if ('error' in hp) {
+      this.add(field, hp.error);
+      return parseHostPort(fallback, 0) as { host: string; port: number };
+    }
+    return hp;
+  }
+
+  /** An address this host binds: an IP address. */
+  bindAddress(field: string): void {
+    const v = this.str(field);
+    if (v !== undefined && isIP(v) === 0) this.add(field, `${JSON.stringify(v)} is not an IP address to bind (e.g. 0.0.0.0, 127.0.0.1, ::)`);
+  }
+
+  /** An address peers use: an IP address or a host name. */
+  address(field: string): void {
+    const v = this.str(field);
+    if (v !== undefined && !isHostOrAddress(v)) this.add(field, `${JSON.stringify(v)} is neither an IP address nor a host name`);
+  }
+
   registry(): RegistryUrl {
+    const v = this.str('registry');
+    if (v === undefined) return { kind: 'embedded' };
+    let url: RegistryUrl;
     try {
-      return parseRegistryUrl(this.raw.registry as string);
+      url = parseRegistryUrl(v);
     } catch (e) {
       this.add('registry', (e as Error).message);
       return { kind: 'embedded' };
     }
+    if (url.kind === 'zookeeper') {
+      for (const hp of url.servers.split(',')) {
+        const got = parseHostPort(hp, 1);
+        if ('error' in got) this.add('registry', `registry URL ${JSON.stringify(v)}: ${got.error}`);
+      }
+    }
+    // openRegistry would refuse it at start: say so now.
+    if (url.kind === 'consul') this.add('registry', 'the consul:// registry is not implemented yet; use zk://host:port/path (or embedded: on knit server)');
+    return url;
   }
 
   /** Records a problem on `field` (when `bad`). */
@@ -170,81 +239,133 @@ class Checker {
   }
 
   check(field: string, fn: (v: string) => unknown): void {
-    const v = this.raw[field];
+    const v = this.str(field);
     if (v === undefined) return;
     try {
-      fn(v as string);
+      fn(v);
     } catch (e) {
       this.add(field, (e as Error).message.replace(/^invalid SPIFFE ID [^:]*: /, ''));
     }
   }
-
-  done(): void {
-    if (this.problems.length) throw new ConfigError(this.problems);
-  }
 }
 
-/** Loads `/etc/knit/agent.yaml`. */
-export async function loadAgentConfig(file: string): Promise<AgentConfig> {
-  const { raw, doc } = await readConfig(file, validateAgent);
-  const c = new Checker(doc, raw);
+/** The outcome of parsing a config file: the config when there is no problem, and every problem. */
+export interface ParsedConfig<T> {
+  config?: T;
+  problems: FileProblem[];
+}
+
+/** Parses an agent config's text (`file` names it in messages); never throws. */
+export function parseAgentConfig(file: string, text: string): ParsedConfig<AgentConfig> {
+  const { raw, doc, problems } = parseConfig(file, text, validateAgent);
+  if (!doc) return { problems };
+  const c = new Checker(doc, raw, problems);
   c.check('node', (v) => validateSegment(v, 'node name'));
   const registry = c.registry();
-  if (registry.kind === 'embedded') c.check('registry', () => {
+  if (registry.kind === 'embedded' && c.str('registry') !== undefined) c.check('registry', () => {
     throw new Error('an agent needs a shared registry (zk://... or consul://...); embedded: lives inside knit dev or knit server');
   });
+  c.check('server', (v) => {
+    const port = /^[a-z]+:\/\/(?:\[[^\]]*\]|[^/:]*):(\d+)(?:\/|$)/.exec(v)?.[1];
+    if (port !== undefined && (Number(port) < 1 || Number(port) > 65535)) throw new Error(`port ${port} in ${JSON.stringify(v)} is out of range (1 to 65535)`);
+    if (!URL.canParse(v)) throw new Error(`${JSON.stringify(v)} is not a URL (e.g. https://cp.example.com:7700)`);
+  });
   const drainMs = c.duration('drain', 10_000, 0);
-  const admin = splitHostPort((raw.admin as string | undefined) ?? '127.0.0.1:7701');
+  const keepAliveMs = raw.tcp_keepalive === undefined ? undefined : c.duration('tcp_keepalive', 10_000, 0);
+  const idleTimeoutMs = raw.idle_timeout === undefined ? undefined : c.duration('idle_timeout', 3_600_000, 0);
+  const admin = c.hostPort('admin', '127.0.0.1:7701');
+  c.address('advertise');
+  c.bindAddress('bind');
   const remote = raw.admin_allow_remote === true;
   c.require(!isLoopback(admin.host) && !remote, 'admin', `${admin.host} is not a loopback address: the admin API (reload, TTL check writes, state) would be open to the network; use 127.0.0.1:7701, or set admin_allow_remote: true with an admin_token_file`);
   c.require(remote && raw.admin_token_file === undefined, 'admin_allow_remote', 'needs admin_token_file: a remote admin API requires a bearer token on every call');
-  c.done();
+  if (c.problems.length) return { problems: c.problems };
   const dataDir = (raw.data_dir as string | undefined) ?? '/var/lib/knit';
   return {
-    file,
-    node: (raw.node as string | undefined) ?? defaultNodeName(),
-    dataDir,
-    registry,
-    server: (raw.server as string).replace(/\/+$/, ''),
-    joinTokenFile: (raw.join_token_file as string | undefined) ?? '/etc/knit/join.token',
-    servicesDir: (raw.services_dir as string | undefined) ?? '/etc/knit/services.d',
-    advertise: (raw.advertise as string | undefined) ?? primaryAddress(),
-    bind: (raw.bind as string | undefined) ?? '0.0.0.0',
-    adminHost: admin.host,
-    adminPort: admin.port,
-    adminTokenFile: remote ? (raw.admin_token_file as string) : undefined,
-    allowRemoteUpstreams: raw.allow_remote_upstreams === true,
-    inboundPortBase: (raw.inbound_port_base as number | undefined) ?? 21000,
-    drainMs,
-    logLevel: (raw.log_level as string | undefined) ?? 'info',
+    problems: [],
+    config: {
+      file,
+      node: (raw.node as string | undefined) ?? defaultNodeName(),
+      dataDir,
+      registry,
+      server: (raw.server as string).replace(/\/+$/, ''),
+      joinTokenFile: (raw.join_token_file as string | undefined) ?? '/etc/knit/join.token',
+      servicesDir: (raw.services_dir as string | undefined) ?? '/etc/knit/services.d',
+      advertise: (raw.advertise as string | undefined) ?? primaryAddress(),
+      bind: (raw.bind as string | undefined) ?? '0.0.0.0',
+      adminHost: admin.host,
+      adminPort: admin.port,
+      adminTokenFile: remote ? (raw.admin_token_file as string) : undefined,
+      allowRemoteUpstreams: raw.allow_remote_upstreams === true,
+      inboundPortBase: (raw.inbound_port_base as number | undefined) ?? 21000,
+      maxConnectionsPerHost: raw.max_connections_per_host as number | undefined,
+      drainMs,
+      tcp: { keepAliveMs, idleTimeoutMs, noDelay: raw.tcp_nodelay as boolean | undefined },
+      logLevel: (raw.log_level as string | undefined) ?? 'info',
+    },
   };
 }
 
-/** Loads `/etc/knit/server.yaml`. */
-export async function loadServerConfig(file: string): Promise<ServerConfig> {
-  const { raw, doc } = await readConfig(file, validateServer);
-  const c = new Checker(doc, raw);
+/** Parses a server config's text (`file` names it in messages); never throws. */
+export function parseServerConfig(file: string, text: string): ParsedConfig<ServerConfig> {
+  const { raw, doc, problems } = parseConfig(file, text, validateServer);
+  if (!doc) return { problems };
+  const c = new Checker(doc, raw, problems);
   c.check('name', (v) => validateSegment(v, 'server name'));
   c.check('trust_domain', validateTrustDomain);
   const registry = c.registry();
   const leafTtlMs = c.duration('leaf_ttl', 24 * 3600_000, MIN_LEAF_TTL_MS);
   const agentTtlMs = c.duration('agent_ttl', 72 * 3600_000, MIN_LEAF_TTL_MS);
   const rejoinWindowMs = c.duration('rejoin_window', 30 * 24 * 3600_000, 0);
-  c.done();
-  const listen = splitHostPort((raw.listen as string | undefined) ?? '0.0.0.0:7700');
+  const listen = c.hostPort('listen', '0.0.0.0:7700');
+  c.require(isIP(listen.host) === 0 && listen.host !== 'localhost', 'listen', `${JSON.stringify(listen.host)} is not an IP address to bind (e.g. 0.0.0.0:7700)`);
+  if (Array.isArray(raw.advertise)) {
+    raw.advertise.forEach((a: unknown, i) => {
+      if (typeof a === 'string' && !isHostOrAddress(a)) c.addAt(['advertise', i], `${JSON.stringify(a)} is neither an IP address nor a DNS name (it goes into the API certificate)`);
+    });
+  }
+  if (c.problems.length) return { problems: c.problems };
   return {
-    file,
-    name: (raw.name as string | undefined) ?? defaultNodeName(),
-    dataDir: (raw.data_dir as string | undefined) ?? '/var/lib/knit',
-    registry,
-    listenHost: listen.host,
-    listenPort: listen.port,
-    advertise: (raw.advertise as string[] | undefined) ?? [primaryAddress(), 'localhost', '127.0.0.1'],
-    trustDomain: raw.trust_domain as string | undefined,
-    defaultIntention: (raw.default_intention as 'allow' | 'deny' | undefined) ?? 'deny',
-    leafTtlMs,
-    agentTtlMs,
-    rejoinWindowMs,
-    logLevel: (raw.log_level as string | undefined) ?? 'info',
+    problems: [],
+    config: {
+      file,
+      name: (raw.name as string | undefined) ?? defaultNodeName(),
+      dataDir: (raw.data_dir as string | undefined) ?? '/var/lib/knit',
+      registry,
+      listenHost: listen.host,
+      listenPort: listen.port,
+      advertise: (raw.advertise as string[] | undefined) ?? [primaryAddress(), 'localhost', '127.0.0.1'],
+      trustDomain: raw.trust_domain as string | undefined,
+      defaultIntention: (raw.default_intention as 'allow' | 'deny' | undefined) ?? 'deny',
+      leafTtlMs,
+      agentTtlMs,
+      rejoinWindowMs,
+      logLevel: (raw.log_level as string | undefined) ?? 'info',
+    },
   };
+}
+
+/** Loads `/etc/knit/agent.yaml`; throws ConfigError with every problem. */
+export async function loadAgentConfig(file: string): Promise<AgentConfig> {
+  const { config, problems } = parseAgentConfig(file, await readText(file));
+  if (!config) throw new ConfigError(problems);
+  return config;
+}
+
+/** Loads `/etc/knit/server.yaml`; throws ConfigError with every problem. */
+export async function loadServerConfig(file: string): Promise<ServerConfig> {
+  const { config, problems } = parseServerConfig(file, await readText(file));
+  if (!config) throw new ConfigError(problems);
+  return config;
+}
+
+/**
+ * Which config a parsed file is, by its top-level keys: one with `registry`
+ * is a node config, an agent's when it names a `server` (or another key only
+ * agents have), else a server's. Anything else is not a node config.
+ */
+export function nodeConfigKind(value: unknown): 'agent' | 'server' | undefined {
+  if (typeof value !== 'object' || value === null || Array.isArray(value) || !('registry' in value)) return undefined;
+  const agentOnly = ['server', 'services_dir', 'join_token_file', 'admin', 'admin_allow_remote', 'admin_token_file', 'allow_remote_upstreams', 'inbound_port_base', 'drain', 'bind', 'node'];
+  return agentOnly.some((k) => k in value) ? 'agent' : 'server';
 }

@@ -51,7 +51,11 @@ export function parseRegistryUrl(url: string): RegistryUrl {
   if (!m) return bad(url, 'expected embedded:, zk://host:port[,host:port...]/path or consul://host:port');
   const [, scheme, hosts, path, query] = m;
   const q = new URLSearchParams(query ?? '');
-  for (const hp of hosts!.split(',')) if (!/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(hp)) bad(url, `"${hp}" is not host:port`);
+  for (const hp of hosts!.split(',')) {
+    if (!/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(hp)) bad(url, `"${hp}" is not host:port`);
+    const p = Number(hp.slice(hp.lastIndexOf(':') + 1));
+    if (p < 1 || p > 65535) bad(url, `port ${p} of "${hp}" is out of range (1-65535)`);
+  }
   if (scheme === 'consul') return { kind: 'consul', address: hosts!, datacenter: q.get('dc') ?? undefined };
   const root = (path ?? '/knit').replace(/\/+$/, '') || '/knit';
   if (!/^(\/[A-Za-z0-9._-]+)+$/.test(root)) bad(url, `path "${root}" must be /segments of letters, digits, . _ -`);

@@ -121,3 +121,176 @@ test('an upstream on a non-loopback address is refused with file, line and field
   assert.deepEqual(parseServiceFiles([{ file: 'web.json', text }], { allowRemoteUpstreams: true }).problems, []);
   assert.deepEqual(parseServiceFiles([{ file: 'web.json', text: text.replace('0.0.0.0', '127.0.0.2') }]).problems, []);
 });
+
+test('regression: a type error hid the other problems of the file (port "8080", a bad check URL and a bad interval are all reported)', () => {
+  const text = 'service:\n  name: web\n  port: "8080"\n  check:\n    http: "not a url"\n    interval: 5 seconds\n';
+  const r = one('web.yaml', text);
+  assert.equal(r.services.length, 0);
+  assert.deepEqual(r.problems.map((p) => [p.line, p.field]), [
+    [3, 'service.port'],
+    [6, 'service.check.interval'],
+    [5, 'service.check.http'],
+  ]);
+  assert.match(r.problems[0]!.message, /must be integer, not the string "8080"/);
+});
+
+test('a problem in one service of a services list leaves the others loaded', () => {
+  const r = one('two.yaml', 'services:\n  - name: a\n    port: "1"\n  - name: b\n    port: 2\n');
+  assert.deepEqual(r.services.map((s) => s.name), ['b']);
+  assert.deepEqual(r.problems.map((p) => p.field), ['services[0].port']);
+});
+
+const refusedAtStart: Array<[string, string, number, RegExp, RegExp]> = [
+  ['tcp check on port 0', '    tcp: "127.0.0.1:0"\n    interval: 1s\n', 4, /check\.tcp$/, /port 0 in "127\.0\.0\.1:0" is out of range \(1 to 65535\)/],
+  ['tcp check on port 65536', '    tcp: "127.0.0.1:65536"\n    interval: 1s\n', 4, /check\.tcp$/, /port 65536 .* out of range/],
+  ['tcp check without a port', '    tcp: "127.0.0.1"\n    interval: 1s\n', 4, /check\.tcp$/, /is not host:port/],
+  ['tcp check on a host with a space', '    tcp: "my host:80"\n    interval: 1s\n', 4, /check\.tcp$/, /is not host:port|neither an IP address nor a host name/],
+  ['http check on port 0', '    http: "http://127.0.0.1:0/health"\n    interval: 1s\n', 4, /check\.http$/, /port 0 .* out of range/],
+  ['http check on port 70000', '    http: "http://127.0.0.1:70000/health"\n    interval: 1s\n', 4, /check\.http$/, /not an http\(s\) URL/],
+  ['an HTTP method with a space', '    http: "http://127.0.0.1:1/"\n    interval: 1s\n    method: "GE T"\n', 6, /check\.method$/, /not an HTTP method/],
+  ['a header name with a colon', '    http: "http://127.0.0.1:1/"\n    interval: 1s\n    header: { "a:b": ["1"] }\n', 6, /check\.header\.a:b$/, /not an HTTP header name/],
+  ['a header value with a line break', '    http: "http://127.0.0.1:1/"\n    interval: 1s\n    header: { x: ["a\\r\\nb"] }\n', 6, /check\.header\.x$/, /line breaks/],
+];
+for (const [what, check, line, field, message] of refusedAtStart) {
+  test(`refuses ${what} (it would fail at start), with line and field`, () => {
+    const r = one('a.yaml', `service:\n  name: a\n  check:\n${check}`);
+    assert.equal(r.services.length, 0, JSON.stringify(r.problems));
+    const p = r.problems.find((x) => message.test(x.message));
+    assert.ok(p, JSON.stringify(r.problems));
+    assert.equal(p.line, line);
+    assert.match(p.field ?? '', field);
+  });
+}
+
+test('addresses that cannot be used are refused: bind address, service address, local service address', () => {
+  const r = one('a.yaml', [
+    'service:',
+    '  name: a',
+    '  address: "not an address"',
+    '  connect:',
+    '    sidecar_service:',
+    '      proxy:',
+    '        local_service_address: "bad host"',
+    '        upstreams:',
+    '          - destination_name: b',
+    '            local_bind_port: 9000',
+    '            local_bind_address: "my-host"',
+    '',
+  ].join('\n'));
+  assert.deepEqual(r.problems.map((p) => [p.line, p.field]), [
+    [3, 'service.address'],
+    [7, 'service.connect.sidecar_service.proxy.local_service_address'],
+    [11, 'service.connect.sidecar_service.proxy.upstreams[0].local_bind_address'],
+  ]);
+  assert.match(r.problems[2]!.message, /not an IP address to bind/);
+});
+
+test('deregister_critical_service_after: the smallest over the checks, >= 1s honoured, shorter raised to 1s with a warning, "0" off', () => {
+  const svc = (checks: string[]): ReturnType<typeof one> => one('a.yaml', `service:\n  name: a\n  checks:\n${checks.map((c) => `    - ttl: 30s\n      deregister_critical_service_after: ${c}\n`).join('')}`);
+  const r = svc(['90s', '1m', '2m']);
+  assert.deepEqual(r.problems, []);
+  assert.equal(r.services[0]?.deregisterCriticalAfterMs, 60_000);
+  assert.equal(r.services[0]?.checks[2]?.deregisterCriticalAfterMs, 120_000);
+  const short = svc(['1s']);
+  assert.equal(short.services[0]?.deregisterCriticalAfterMs, 1000);
+  assert.deepEqual(short.warnings, []);
+  const tooShort = svc(['100ms']);
+  assert.equal(tooShort.services[0]?.deregisterCriticalAfterMs, 1000);
+  assert.match(tooShort.warnings[0]?.message ?? '', /below knit's minimum; raised to 1s \(Consul's minimum is 1m\)/);
+  assert.equal(svc(['"0"']).services[0]?.deregisterCriticalAfterMs, undefined);
+  assert.equal(one('a.yaml', 'service:\n  name: a\n').services[0]?.deregisterCriticalAfterMs, undefined);
+  const bad = svc(['soon']);
+  assert.equal(bad.services.length, 0);
+  assert.match(bad.problems[0]?.message ?? '', /"soon" is not a duration/);
+  assert.equal(bad.problems[0]?.line, 5);
+});
+
+/** Every field knit accepts but does not act on, where it sits, and a value for it. */
+const ignored: Array<[string, string]> = [
+  ...['enable_tag_override: true', 'weights: { passing: 1 }', 'token: x', 'tagged_addresses: {}', 'locality: {}', 'namespace: ns', 'partition: p', 'socket_path: /run/a.sock'].map((f) => ['service', f] as [string, string]),
+  ...['notes: x', 'status_output: x', 'output_max_size: 1', 'success_before_passing: 1', 'failures_before_warning: 1', 'failures_before_critical: 1', 'body: x', 'disable_redirects: true', 'tls_server_name: x', 'grpc_use_tls: false', 'h2ping_use_tls: false'].map((f) => ['check', f] as [string, string]),
+  ...['checks: []', 'check: {}', 'tags: [x]', 'meta: {}'].map((f) => ['sidecar', f] as [string, string]),
+  ...['config: {}', 'transparent_proxy: {}', 'expose: {}', 'mesh_gateway: {}', 'mode: transparent'].map((f) => ['proxy', f] as [string, string]),
+  ...['datacenter: dc2', 'config: {}', 'mesh_gateway: {}', 'destination_partition: p', 'destination_peer: p', 'destination_namespace: billing'].map((f) => ['upstream', f] as [string, string]),
+];
+for (const [where, field] of ignored) {
+  const key = field.split(':')[0]!;
+  test(`regression: ${where} field ${key} was accepted silently (it loads with a warning naming it)`, () => {
+    const lines = {
+      service: [`  ${field}`],
+      check: ['  check:', '    ttl: 10s', `    ${field}`],
+      sidecar: ['  connect:', '    sidecar_service:', `      ${field}`],
+      proxy: ['  connect:', '    sidecar_service:', '      proxy:', `        ${field}`],
+      upstream: ['  connect:', '    sidecar_service:', '      proxy:', '        upstreams:', '          - destination_name: b', '            local_bind_port: 9000', `            ${field}`],
+    }[where]!;
+    const r = one('a.yaml', ['service:', '  name: a', ...lines, ''].join('\n'));
+    assert.deepEqual(r.problems, []);
+    assert.equal(r.services.length, 1);
+    assert.equal(r.warnings.length, 1, JSON.stringify(r.warnings));
+    const w = r.warnings[0]!;
+    assert.equal(w.line, lines.length + 2);
+    assert.ok(w.field?.endsWith(`.${key}`), w.field);
+    assert.match(w.message, key === 'mode' ? /transparent mode is not implemented yet/ : /ignored by knit \(.+\)/);
+  });
+}
+
+test('fields knit implements load without warnings: destination_type "service", destination_namespace "default", mode direct, native false', () => {
+  const r = one('a.yaml', [
+    'service:', '  name: a', '  kind: typical', '  connect:', '    native: false', '    sidecar_service:', '      proxy:', '        mode: direct', '        upstreams:',
+    '          - destination_name: b', '            local_bind_port: 9000', '            destination_type: service', '            destination_namespace: default', '',
+  ].join('\n'));
+  assert.deepEqual([r.problems, r.warnings], [[], []]);
+  assert.equal(r.services[0]?.mode, 'direct');
+});
+
+test('what knit cannot run is refused: a connect-proxy registration, connect-native, a prepared-query upstream', () => {
+  const kind = one('a.yaml', 'service:\n  name: a-sidecar-proxy\n  kind: connect-proxy\n');
+  assert.match(kind.problems[0]?.message ?? '', /"connect-proxy" registration is not something knit runs/);
+  assert.equal(kind.problems[0]?.line, 3);
+  const native = one('a.yaml', 'service:\n  name: a\n  connect:\n    native: true\n');
+  assert.match(native.problems[0]?.message ?? '', /connect-native applications are not supported/);
+  const pq = one('a.yaml', 'service:\n  name: a\n  connect:\n    sidecar_service:\n      proxy:\n        upstreams:\n          - destination_name: b\n            local_bind_port: 9000\n            destination_type: prepared_query\n');
+  assert.match(pq.problems[0]?.message ?? '', /must be "service"/);
+  assert.equal(pq.problems[0]?.line, 9);
+});
+
+test('check and checks both run, check first, as Consul does', () => {
+  const r = one('a.yaml', 'service:\n  name: a\n  check:\n    ttl: 10s\n  checks:\n    - ttl: 20s\n');
+  assert.deepEqual(r.services[0]?.checks.map((c) => [c.id, c.ttlMs]), [['service:a:1', 10_000], ['service:a:2', 20_000]]);
+});
+
+const syntax: Array<[string, string, string, number, RegExp]> = [
+  ['a trailing comma', 'a.json', '{\n  "service": {\n    "name": "a",\n  }\n}\n', 4, /^JSON syntax error at column 3: Expected double-quoted property name$/],
+  ['a missing comma', 'a.json', '{ "service": {\n  "name": "a"\n  "port": 1 } }', 3, /^JSON syntax error at column 3: Expected ',' or '}' after property value$/],
+  ['a truncated file', 'a.json', '{ "service": {\n  "name": "a"\n', 2, /^JSON syntax error at column 14: unexpected end of file/],
+];
+for (const [what, file, text, line, message] of syntax) {
+  test(`JSON syntax errors carry line and column: ${what}`, () => {
+    const r = one(file, text);
+    assert.equal(r.problems.length, 1, JSON.stringify(r.problems));
+    assert.equal(r.problems[0]!.line, line);
+    assert.match(r.problems[0]!.message, message);
+  });
+}
+
+const misindented: Array<[string, string, number]> = [
+  ['a key indented deeper than its siblings', 'service:\n  name: web\n   port: 8080\n  tags: [a]\n', 3],
+  ['a key deeper than its siblings inside a list item', 'service:\n  name: web\n  checks:\n    - http: http://127.0.0.1:1/\n       interval: 5s\n', 5],
+  ['a key shallower than its siblings inside a list item', 'service:\n  name: web\n  checks:\n    - http: http://127.0.0.1:8080/health\n      interval: 5s\n     timeout: 1s\n', 6],
+  ['a list item key out of line', 'service:\n  name: web\n  connect:\n    sidecar_service:\n      proxy:\n        upstreams:\n          - destination_name: api\n          local_bind_port: 9191\n', 8],
+  ['a top-level key indented by one', 'service:\n  name: web\n port: 8080\n', 3],
+  ['a tab as indentation', 'service:\n\tname: web\n', 2],
+];
+for (const [what, text, line] of misindented) {
+  test(`regression: YAML indentation errors pointed at the wrong line (${what}: line ${line})`, async (t) => {
+    // A real file on disk, read the way the agent reads it.
+    const dir = await mkdtemp(join(tmpdir(), 'knit-yaml-'));
+    t.after(() => rm(dir, { recursive: true, force: true }));
+    await writeFile(join(dir, 'web.yaml'), text);
+    const r = await loadServices(dir);
+    assert.equal(r.services.length, 0);
+    assert.ok(r.problems.length >= 1, JSON.stringify(r.problems));
+    assert.equal(r.problems[0]!.line, line, JSON.stringify(r.problems));
+    assert.match(r.problems[0]!.message, /^YAML syntax error at column \d+: /);
+  });
+}

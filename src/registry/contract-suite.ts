@@ -2,6 +2,12 @@
  * The Registry contract as a test suite. Every backend runs it:
  * `registryContract('zookeeper', makeBackend)`. A backend that cannot run
  * here passes `skip` with a one-line reason, which node:test prints.
+ *
+ * Beyond the happy path it holds every backend to its promises under
+ * faults, where the backend has a link to lose (`partitioned`): nothing
+ * written while cut off is lost, no instance stays gone or stale after the
+ * link heals, no watch goes deaf, and onResync says when instances were
+ * written again.
  */
 import { test, describe, after, before } from 'node:test';
 import assert from 'node:assert/strict';
@@ -23,7 +29,21 @@ export interface ContractBackend {
   reopen?(): Promise<void>;
   /** How long a killed owner's instances may take to vanish. */
   livenessTimeoutMs?: number;
+  /**
+   * A new client whose link to the backend the suite can cut (every
+   * connection reset, new ones refused) and heal, for the fault tests.
+   * Absent when the backend lives in its clients' process: there is no
+   * link to cut.
+   */
+  partitioned?(): Promise<Partitioned>;
   cleanup(): Promise<void>;
+}
+
+/** A client behind a link the suite cuts and heals. */
+export interface Partitioned {
+  client: Registry;
+  cut(): void;
+  heal(): void;
 }
 
 let seq = 0;
@@ -294,6 +314,107 @@ export function registryContract(name: string, make: () => Promise<ContractBacke
       const b = await client();
       assert.equal((await b.kvGet(key))?.value, 'durable');
       await until('instances gone after reopen', async () => (await b.instances(s)).length === 0, backend.livenessTimeoutMs ?? 5000);
+    });
+
+    test('onResync is implemented and returns an unsubscribe', async () => {
+      const a = await client();
+      assert.equal(typeof a.onResync, 'function', `${name} must implement onResync`);
+      const off = a.onResync!(() => undefined);
+      assert.equal(typeof off, 'function');
+      off();
+      off();
+    });
+
+    // ---- faults: a client cut off from the backend and healed ----------------
+
+    const partitioned = async (t: { skip(why: string): void }): Promise<Partitioned | undefined> => {
+      if (!backend.partitioned) {
+        t.skip(`${name} lives in its clients' process: there is no link to cut`);
+        return undefined;
+      }
+      const p = await backend.partitioned();
+      clients.push(p.client);
+      return p;
+    };
+
+    test('a client cut off until it loses its instances registers them again, with their latest health, then tells onResync', async (t) => {
+      const p = await partitioned(t);
+      if (!p) return;
+      const b = await client();
+      const s = svc();
+      await p.client.register(inst(s, 1));
+      await p.client.setHealth(inst(s, 1).id, 'warning');
+      const resynced = new Recorder<Instance[]>();
+      p.client.onResync!(() => void b.instances(s).then(resynced.push));
+      const rec = new Recorder<Instance[]>();
+      b.watchService(s, rec.push);
+      await rec.next('registered', (l) => l.length === 1 && l[0]!.health === 'warning');
+      p.cut();
+      await rec.next('gone with the lost link', (l) => l.length === 0, (backend.livenessTimeoutMs ?? 5000) * 3);
+      const from = rec.values.length;
+      p.heal();
+      await rec.next('back by itself, as last asked', (l) => l.length === 1 && l[0]!.health === 'warning', 30_000, from);
+      const seen = await resynced.next('onResync, once they are back', () => true, 30_000);
+      assert.deepEqual(seen.map((i) => [i.id, i.health]), [[inst(s, 1).id, 'warning']]);
+    });
+
+    test('writes made while cut off are not lost: once healed the backend holds the latest of each', async (t) => {
+      const p = await partitioned(t);
+      if (!p) return;
+      const b = await client();
+      const s = svc();
+      await p.client.register(inst(s, 1));
+      await p.client.register(inst(s, 3));
+      const rec = new Recorder<Instance[]>();
+      b.watchService(s, rec.push);
+      await rec.next('two', (l) => l.length === 2);
+      p.cut();
+      const writes = [p.client.setHealth(inst(s, 1).id, 'warning'), p.client.register(inst(s, 2)), p.client.deregister(inst(s, 3).id)];
+      // Cut long enough for the backend to drop the client's instances: the writes cannot have reached it.
+      await rec.next('gone with the lost link', (l) => l.length === 0, (backend.livenessTimeoutMs ?? 5000) * 3);
+      const from = rec.values.length;
+      p.heal();
+      // Each write resolves, or rejects as retryable; either way it is not forgotten.
+      for (const r of await Promise.allSettled(writes)) {
+        if (r.status === 'rejected') assert.ok(isKnitError(r.reason, 'KNIT_ERR_REGISTRY_UNAVAILABLE') && r.reason.retryable, String(r.reason));
+      }
+      const want = [[inst(s, 1).id, 'warning'], [inst(s, 2).id, 'passing']];
+      await rec.next('the latest of each write', (l) => JSON.stringify(l.map((i) => [i.id, i.health])) === JSON.stringify(want), 30_000, from);
+    });
+
+    test('a watch on a client cut off and healed keeps delivering, after a short cut and after one that lost its instances', async (t) => {
+      const p = await partitioned(t);
+      if (!p) return;
+      const a = await client();
+      const s = svc();
+      // The watching client owns an instance too, so that the suite sees when a cut has cost it its instances (and session).
+      const marker = svc();
+      await p.client.register(inst(marker, 9));
+      const markers = new Recorder<Instance[]>();
+      a.watchService(marker, markers.push);
+      await markers.next('marker registered', (l) => l.length === 1);
+      const rec = new Recorder<Instance[]>();
+      const errors = new Recorder<Error>();
+      p.client.watchService(s, rec.push, errors.push);
+      await rec.next('empty first snapshot', (l) => l.length === 0);
+
+      p.cut();
+      await errors.next('told it is cut off', () => true, 10_000);
+      await a.register(inst(s, 1));
+      p.heal();
+      await rec.next('the change made while cut off', (l) => l.length === 1, 30_000);
+      await a.register(inst(s, 2));
+      await rec.next('a change after', (l) => l.length === 2, 10_000);
+
+      p.cut();
+      await markers.next('the cut client lost its instances', (l) => l.length === 0, (backend.livenessTimeoutMs ?? 5000) * 3, markers.values.length);
+      await a.setHealth(inst(s, 1).id, 'critical');
+      const lost = markers.values.length;
+      p.heal();
+      await rec.next('the change made during the long cut', (l) => l.length === 1 && l[0]!.id === inst(s, 2).id, 30_000);
+      await a.setHealth(inst(s, 1).id, 'passing');
+      await rec.next('and one after it', (l) => l.length === 2, 10_000);
+      await markers.next('marker back', (l) => l.length === 1, 30_000, lost);
     });
 
     test('a closed client rejects with KNIT_ERR_CLOSED', async () => {

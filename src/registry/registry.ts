@@ -7,9 +7,8 @@
  * Only neutral types cross it: plain records and strings, never a
  * ZooKeeper or Consul client object.
  */
-import type { HealthStatus } from '../config/services.js';
-
-export type { HealthStatus };
+/** An instance's health, as Consul has it: warning still serves, critical does not. */
+export type HealthStatus = 'passing' | 'warning' | 'critical';
 
 /** One running instance of a service, as peers see it. */
 export interface Instance {
@@ -69,6 +68,15 @@ export function isRoutable(i: Pick<Instance, 'health'>): boolean {
  * client's credential (a protected ZooKeeper tree: only knit server writes
  * KV, only agents and knit server write instances), KNIT_ERR_CLOSED after
  * close().
+ *
+ * Instance writes (register, setHealth, deregister) are wishes the client
+ * keeps, not one-shot requests: one that rejects KNIT_ERR_REGISTRY_UNAVAILABLE
+ * may still have taken effect, and the client keeps writing the latest wish
+ * in the background until the backend holds it (a refusal such as
+ * KNIT_ERR_REGISTRY_DENIED is not retried: the previous wish stands). A
+ * caller may still retry; retries are idempotent. Whenever a backend has
+ * lost this client's instances and written them all again, it says so
+ * through onResync.
  */
 export interface Registry {
   /** Backend name for messages: `embedded`, `zookeeper`, `consul`. */
@@ -134,7 +142,23 @@ export interface Registry {
   /** Delivers the key's entry (or undefined) now and after each change; fail static as watchService. */
   watchKey(key: string, onValue: (entry: KvEntry | undefined) => void, onError?: WatchErrorHandler): Watch;
 
-  /** Deregisters this client's instances and releases resources. Idempotent. */
+  /**
+   * Subscribes `listener` to resyncs: it runs each time the backend had lost
+   * every instance of this client (ZooKeeper: its session expired) and the
+   * client has registered them all again, as last asked, with their latest
+   * health. The moment for an owner to re-assert what it knows better (an
+   * agent re-publishes each service's current health). A backend that
+   * cannot lose a live client's instances (embedded) never calls it.
+   * Returns the function that unsubscribes; close() drops every listener.
+   * Optional only so that wrappers written before it keep compiling; both
+   * backends implement it, and a wrapper should forward it.
+   */
+  onResync?(listener: () => void): () => void;
+
+  /**
+   * Deregisters this client's instances and releases resources: no
+   * callback runs and no backend session is opened after it. Idempotent.
+   */
   close(): Promise<void>;
 }
 

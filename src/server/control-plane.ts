@@ -22,10 +22,10 @@ import type { Action, IntentionSet } from '../policy/intentions.js';
 import { refusal } from '../policy/nodes.js';
 import { KV_KEYS, type Registry } from '../registry/registry.js';
 import { SignedKv } from '../registry/signed-kv.js';
-import { writeFileAtomic } from '../registry/embedded/embedded.js';
+import { writeFileAtomic } from '../files.js';
 import { KnitError } from '../errors.js';
 import { EVENTS, type Logger } from '../log/logger.js';
-import type { CertSigner } from '../agent/certs.js';
+import type { CertSigner } from '../identity/leaf.js';
 import { NodeStore } from './nodes.js';
 import { JoinTokens } from './tokens.js';
 

@@ -8,8 +8,9 @@
  * written to `<dataDir>/registry/kv.json` by write-temp, fsync, rename,
  * fsync-dir, so a crash at any point leaves either the old or the new file.
  */
-import { mkdir, open, readFile, rename } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { writeFileAtomic } from '../../files.js';
 import { KnitError } from '../../errors.js';
 import {
   isRoutable,
@@ -25,26 +26,6 @@ import {
 interface Owned {
   instance: Instance;
   owner: number;
-}
-
-/** Writes `data` to `path` so that a crash leaves the old or the new content, never a torn file. */
-export async function writeFileAtomic(path: string, data: string, mode = 0o600): Promise<void> {
-  await mkdir(dirname(path), { recursive: true });
-  const tmp = `${path}.tmp-${process.pid}`;
-  const fh = await open(tmp, 'w', mode);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, path);
-  const dir = await open(dirname(path), 'r');
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
-  }
 }
 
 /** The shared state behind every embedded client. */
@@ -327,6 +308,11 @@ class EmbeddedClient implements Registry {
         onValue(e);
       },
     );
+  }
+
+  /** Never called: the store lives in this client's process, so nothing can drop a live client's instances. */
+  onResync(_listener: () => void): () => void {
+    return () => undefined;
   }
 
   async close(): Promise<void> {

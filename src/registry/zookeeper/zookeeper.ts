@@ -7,12 +7,25 @@
  *   <root>/server-id                                         JSON { server: [digest id] }
  *
  * An instance is an ephemeral znode of this client's session, so an agent
- * that dies disappears with its session. Watches are one-shot in ZooKeeper:
- * every delivery re-arms them. On session expiry this client builds a new
- * session, re-registers everything it owns and re-arms every watch by
- * itself; while the connection is lost, watchers keep their last snapshot
- * (fail static) and are told through onError, and a fresh snapshot follows
- * the reconnection.
+ * that dies disappears with its session.
+ *
+ * Faults. This client keeps what its caller asked for (each instance it
+ * owns, with its latest health) apart from what it knows ZooKeeper holds,
+ * and writes the difference until there is none: a write that fails for a
+ * lost connection is retried in the background (with a capped backoff, and
+ * at once on reconnection) even though the call rejected; on session expiry
+ * it builds a new session, writes every instance again, and then tells
+ * onResync listeners. Writes of one instance are serialised, each writing
+ * the latest wish, so a late re-registration cannot undo a newer health
+ * change or resurrect a deregistered instance.
+ *
+ * Watches are one-shot in ZooKeeper. Every read of a watch sets the watch
+ * again (node-zookeeper-client keeps one listener per path and function, so
+ * this piles nothing up), so a watch is re-armed by any read that succeeds
+ * and by nothing else: a read that fails is retried with a capped backoff,
+ * at once on reconnection, and after a new session. While the connection is
+ * lost, watchers keep their last snapshot (fail static) and are told through
+ * onError; a fresh snapshot follows the reconnection.
  *
  * KV versions are the znode's data version plus one (ZooKeeper starts at
  * 0), so 0 can keep meaning "does not exist".
@@ -90,6 +103,19 @@ const DIGEST_ID = /^[^:]+:[A-Za-z0-9+/]{27}=$/;
 const PRIVATE_KV = /^(tokens|nodes)\//;
 const SERVER_ID_NODE = 'server-id';
 
+/**
+ * Backoff of a failed watch read or instance write: doubling from 100 ms
+ * (one lost packet costs little) up to 10 s, so that a watch or an instance
+ * is right again within 10 s of ZooKeeper answering again even when no
+ * reconnection event says so; a reconnection retries at once anyway.
+ */
+function faultRetryDelay(failures: number): number {
+  return Math.min(10_000, 100 * 2 ** Math.min(failures, 10));
+}
+
+/** How often in a row a watch re-reads because its node came and went between two reads, before it backs off. */
+const MAX_RACING_READS = 5;
+
 const enc = encodeURIComponent;
 
 /** A znode name back to the key it encodes; a name knit did not write is taken as it is. */
@@ -149,28 +175,85 @@ function protectedPlan(serverIds: string[], agentId: string): AclPlan {
 /** Which credential a write needs, for the message of KNIT_ERR_REGISTRY_DENIED. */
 type Need = 'server' | 'agent';
 
-/** Arms ZooKeeper watches once per key until they fire. */
-interface Arms {
-  /** A watcher for `key`, or undefined when one is already pending. */
-  arm(key: string): ((e: ZkEvent) => void) | undefined;
-  disarm(key: string): void;
+/** What stopClient() needs of node-zookeeper-client's connection manager (not part of its typed API). */
+interface ConnectionInternals {
+  socket?: { destroy(): void };
+  connect(): void;
+  onSocketConnected(): void;
 }
 
-/** One in-flight watch, refreshed (re-read and re-armed) whenever ZooKeeper says something changed. */
-interface Refreshable {
+/**
+ * Stops a client for good. A connected one is closed (its session ends
+ * and its ephemeral znodes go at once). One that is not connected cannot
+ * be: node-zookeeper-client's close() then only marks it closing, keeps
+ * reconnecting, and throws an uncaught "Unknown code" when the connect
+ * response it then gets arrives (its issues #22 and #70), which would take
+ * the whole process down when ZooKeeper comes back. Such a client is
+ * stopped instead by dropping its socket and giving it nothing to
+ * reconnect with; its session, if it ever had one, expires on the server.
+ */
+function stopClient(client: Client): void {
+  const state = client.getState();
+  const cm = (client as unknown as { connectionManager?: ConnectionInternals }).connectionManager;
+  if (state === State.SYNC_CONNECTED || state === State.CONNECTED_READ_ONLY || !cm) {
+    client.close();
+    return;
+  }
+  cm.connect = () => undefined;
+  cm.onSocketConnected = function (this: ConnectionInternals) {
+    this.socket?.destroy();
+  };
+  cm.socket?.destroy();
+}
+
+/** A ZooKeeper watcher: any event makes the watch that set it read again. */
+type Watcher = (e: ZkEvent) => void;
+
+/** One open watch, as the session handling sees it. */
+interface LiveWatch {
+  /** Reads again now (and so re-arms), whatever retry was pending. */
   refresh(): void;
+  /** Tells the watcher about a fault; its last snapshot stays valid. */
   fail(err: Error): void;
+  close(): void;
+}
+
+/**
+ * An instance this client owns: what the caller last asked for, and what
+ * this client last wrote to ZooKeeper (in which session). They differ
+ * while a write is pending or failed; the entry goes once a deregistered
+ * instance's znode is gone.
+ */
+interface Owned {
+  /** The instance as last asked for; undefined once deregistered (until its znode is removed). */
+  want: Instance | undefined;
+  /** The last successful write, and the session generation it went to. */
+  written: { instance: Instance; generation: number } | undefined;
 }
 
 export class ZooKeeperRegistry implements Registry {
   readonly kind = 'zookeeper';
   private client!: Client;
+  /** A client still connecting (a new session): close() closes it too, so no session outlives close(). */
+  private connecting: Client | undefined;
   private closed = false;
-  private readonly owned = new Map<string, Instance>();
-  private readonly watches = new Set<Refreshable>();
+  /** Aborted by close(): ends every wait of the recovery and resync loops. */
+  private readonly stop = new AbortController();
+  private readonly owned = new Map<string, Owned>();
+  /** Per instance id, the tail of its chain of writes (see locked()). */
+  private readonly locks = new Map<string, Promise<void>>();
+  private readonly watches = new Set<LiveWatch>();
+  /** Per client, how to fail each call it still owes an answer (see closeClient()). */
+  private readonly inflight = new WeakMap<Client, Set<() => void>>();
+  private readonly resyncListeners = new Set<() => void>();
   private wasDisconnected = false;
   private sessionGeneration = 0;
+  /** Set when the session is gone and a new one is needed; cleared by the recovery loop as it starts one. */
+  private sessionLost = false;
   private recovering: Promise<void> | undefined;
+  private resyncing: Promise<boolean> | undefined;
+  /** Pending backoff waits; a reconnection or a new session cuts them short. */
+  private readonly sleepers = new Set<() => void>();
   private lostTimer: NodeJS.Timeout | undefined;
   /** This client's own digest id, when it has credentials. */
   private readonly ownId: string | undefined;
@@ -218,27 +301,47 @@ export class ZooKeeperRegistry implements Registry {
     return r;
   }
 
+  /**
+   * A new client and session. Rejects KNIT_ERR_REGISTRY_UNAVAILABLE when it
+   * cannot connect in time and KNIT_ERR_CLOSED when close() came first; in
+   * both cases the new client is closed, so no session is left behind.
+   */
   private async openSession(): Promise<void> {
     const client = zookeeper.createClient(this.o.servers, { sessionTimeout: this.o.sessionTimeoutMs, spinDelay: 200, retries: 1 });
     // Before connect(): the library keeps it and sends it first on every (re)connection of this client.
     const c = this.o.credentials;
     if (c) client.addAuthInfo('digest', Buffer.from(`${c.user}:${c.password}`, 'utf8'));
     const timeout = this.o.connectTimeoutMs ?? 30_000;
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        client.close();
-        reject(new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `cannot reach ZooKeeper at ${this.o.servers} within ${timeout} ms`));
-      }, timeout);
-      client.once('connected', () => {
-        clearTimeout(timer);
-        resolve();
+    const signal = this.stop.signal;
+    this.connecting = client;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        let settled = false;
+        const settle = (err?: KnitError): void => {
+          if (settled) return;
+          settled = true;
+          clearTimeout(timer);
+          signal.removeEventListener('abort', aborted);
+          if (err) reject(err);
+          else resolve();
+        };
+        const aborted = (): void => settle(new KnitError('KNIT_ERR_CLOSED', 'registry client closed while connecting to ZooKeeper'));
+        const timer = setTimeout(() => settle(new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `cannot reach ZooKeeper at ${this.o.servers} within ${timeout} ms`)), timeout);
+        signal.addEventListener('abort', aborted, { once: true });
+        client.once('connected', () => settle());
+        if (signal.aborted) aborted();
+        else client.connect();
       });
-      client.connect();
-    });
+    } catch (e) {
+      this.closeClient(client);
+      throw e;
+    } finally {
+      if (this.connecting === client) this.connecting = undefined;
+    }
     this.client = client;
     const generation = ++this.sessionGeneration;
     client.on('state', (s) => {
-      this.o.log.debug({ state: s.toString(), generation }, 'ZooKeeper client state');
+      this.o.log.debug({ event: EVENTS.registryClientState, state: s.toString(), generation }, 'ZooKeeper client state');
       if (generation !== this.sessionGeneration || this.closed) return;
       if (s === State.DISCONNECTED) {
         this.wasDisconnected = true;
@@ -249,16 +352,19 @@ export class ZooKeeperRegistry implements Registry {
         // is replaced, as Curator does, so registrations and watches come back by themselves.
         clearTimeout(this.lostTimer);
         this.lostTimer = setTimeout(() => {
-          if (this.wasDisconnected && generation === this.sessionGeneration && !this.closed) void this.recover();
+          if (this.wasDisconnected && generation === this.sessionGeneration && !this.closed) this.sessionExpired();
         }, this.o.sessionTimeoutMs * 1.5);
         this.lostTimer.unref();
       } else if (s === State.SYNC_CONNECTED && this.wasDisconnected) {
         clearTimeout(this.lostTimer);
         this.wasDisconnected = false;
         this.o.log.info({ event: EVENTS.registryError, servers: this.o.servers }, 'reconnected to ZooKeeper; resyncing');
+        // The same session: ephemeral znodes are still there, but writes that failed meanwhile are not.
+        this.wake();
         for (const w of this.watches) w.refresh();
+        this.resyncInBackground();
       } else if (s === State.EXPIRED) {
-        void this.recover();
+        this.sessionExpired();
       } else if (s === State.AUTH_FAILED) {
         // Digest authentication does not fail on a wrong password (it only yields another id);
         // this is a malformed credential, and the library closes the connection for good.
@@ -267,28 +373,109 @@ export class ZooKeeperRegistry implements Registry {
     });
   }
 
-  /** After session expiry: a new session, every owned instance registered again, every watch re-armed. */
-  private recover(): Promise<void> {
-    this.recovering ??= (async () => {
-      this.o.log.warn({ event: EVENTS.registryError }, `ZooKeeper session expired or lost; re-registering ${this.owned.size} instance(s)`);
-      this.client.close();
+  /** The session is gone (expired, or lost for longer than it can live): start, or restart, recovery. */
+  private sessionExpired(): void {
+    if (this.closed) return;
+    this.sessionLost = true;
+    this.wake();
+    this.recovering ??= this.recover().finally(() => (this.recovering = undefined));
+  }
+
+  /**
+   * After session expiry: a new session, every watch re-armed, every owned
+   * instance written again (retried until it is), then onResync listeners
+   * told. A session lost again meanwhile starts over; close() ends it.
+   */
+  private async recover(): Promise<void> {
+    while (this.sessionLost && !this.closed) {
+      this.sessionLost = false;
+      this.o.log.warn({ event: EVENTS.registryError }, `ZooKeeper session expired or lost; re-registering ${this.wanted()} instance(s)`);
+      clearTimeout(this.lostTimer);
+      this.closeClient(this.client);
       this.wasDisconnected = false;
-      for (;;) {
+      for (let attempt = 0; ; attempt++) {
         if (this.closed) return;
         try {
           await this.openSession();
           break;
         } catch (e) {
+          if (this.closed) return;
           this.o.log.warn({ event: EVENTS.registryError, err: (e as Error).message }, 'still cannot reach ZooKeeper');
+          await this.sleep(faultRetryDelay(attempt));
         }
-      }
-      for (const i of this.owned.values()) {
-        await this.createInstance(i).catch((e: Error) => this.o.log.error({ event: EVENTS.registryError, id: i.id, err: e.message }, 're-registration failed'));
       }
       // Every ZooKeeper watch of the old session is gone: re-read and re-arm all.
       for (const w of this.watches) w.refresh();
-    })().finally(() => (this.recovering = undefined));
-    return this.recovering;
+      if (await this.resyncLoop(true)) {
+        this.o.log.info({ event: EVENTS.registryError, instances: this.wanted() }, `ZooKeeper session re-established; ${this.wanted()} instance(s) registered again`);
+        for (const l of [...this.resyncListeners]) {
+          try {
+            l();
+          } catch (e) {
+            this.o.log.error({ event: EVENTS.registryError, err: (e as Error).message }, 'an onResync listener threw');
+          }
+        }
+      }
+    }
+  }
+
+  /** How many instances the caller wants registered. */
+  private wanted(): number {
+    let n = 0;
+    for (const e of this.owned.values()) if (e.want) n++;
+    return n;
+  }
+
+  /** Waits `ms`, or less when close(), a reconnection or a lost session cuts it short. */
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.sleepers.delete(done);
+        this.stop.signal.removeEventListener('abort', done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      timer.unref();
+      this.sleepers.add(done);
+      this.stop.signal.addEventListener('abort', done, { once: true });
+    });
+  }
+
+  private wake(): void {
+    for (const s of [...this.sleepers]) s();
+  }
+
+  /** Starts the background resync unless one (or a recovery, which does its own) is running. */
+  private resyncInBackground(): void {
+    if (this.closed || this.recovering || this.resyncing) return;
+    this.resyncing = this.resyncLoop(false).finally(() => (this.resyncing = undefined));
+  }
+
+  /**
+   * Writes every owned instance that differs from what this session holds,
+   * retrying with backoff until none does. True when done; false when
+   * closed or when the session was lost (the recovery takes over). The
+   * background loop also gives way to a recovery.
+   */
+  private async resyncLoop(recovery: boolean): Promise<boolean> {
+    for (let failures = 0; ; ) {
+      if (this.closed || this.sessionLost || (!recovery && this.recovering)) return false;
+      const stale = [...this.owned.keys()].filter((id) => !this.inSync(id));
+      if (!stale.length) return true;
+      let failed: unknown;
+      for (const id of stale) {
+        if (this.closed || this.sessionLost) return false;
+        await this.syncOne(id).catch((e: unknown) => (failed ??= e));
+      }
+      if (failed === undefined) continue;
+      const wait = faultRetryDelay(failures++);
+      // The first failure and then every tenth: a long outage must not flood the log.
+      if (failures === 1 || failures % 10 === 0) {
+        this.o.log.warn({ event: EVENTS.registryError, err: (failed as Error).message, failures, retryInMs: wait }, `instance(s) not written to ZooKeeper yet, retrying in ${wait} ms: ${(failed as Error).message}`);
+      }
+      await this.sleep(wait);
+    }
   }
 
   /**
@@ -326,7 +513,7 @@ export class ZooKeeperRegistry implements Registry {
         );
       }),
     ]);
-    if (changed) this.o.log.info({ root, znodes: changed }, `set knit's ACLs on ${changed} znode(s) under ${root}`);
+    if (changed) this.o.log.info({ event: EVENTS.registryAclsSet, root, znodes: changed }, `set knit's ACLs on ${changed} znode(s) under ${root}`);
   }
 
   private async ensureServerId(data: Buffer): Promise<void> {
@@ -376,11 +563,28 @@ export class ZooKeeperRegistry implements Registry {
    * here, the one place, naming `op`, `path` and the credential it `need`s.
    */
   private call<T>(op: string, path: string, fn: (c: Client, cb: (err: unknown, v: T) => void) => void, need: Need = 'server'): Promise<T> {
+    const client = this.client;
     return new Promise<T>((resolve, reject) => {
       const bound = Math.max(this.o.sessionTimeoutMs, 5000);
-      const timer = setTimeout(() => reject(new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `ZooKeeper ${op} ${path} did not answer within ${bound} ms`)), bound);
-      fn(this.client, (err, v) => {
+      let calls = this.inflight.get(client);
+      if (!calls) this.inflight.set(client, (calls = new Set()));
+      const pending = calls;
+      const settle = (): void => {
         clearTimeout(timer);
+        pending.delete(abandon);
+      };
+      // A closed client may never call back a request it had queued: closeClient() fails it at once.
+      const abandon = (): void => {
+        settle();
+        reject(new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `ZooKeeper ${op} ${path}: the session was closed`));
+      };
+      const timer = setTimeout(() => {
+        settle();
+        reject(new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `ZooKeeper ${op} ${path} did not answer within ${bound} ms`));
+      }, bound);
+      pending.add(abandon);
+      fn(client, (err, v) => {
+        settle();
         const c = code(err);
         if (c === Exception.NO_AUTH || c === Exception.AUTH_FAILED) reject(this.denied(op, path, need, err));
         // ZooKeeper's Exception is not an Error subclass; it is kept as is so callers can read its code.
@@ -389,6 +593,12 @@ export class ZooKeeperRegistry implements Registry {
         else resolve(v);
       });
     });
+  }
+
+  /** Closes a client, connected or not, and fails the calls it still owes an answer. */
+  private closeClient(client: Client): void {
+    stopClient(client);
+    for (const abandon of [...(this.inflight.get(client) ?? [])]) abandon();
   }
 
   private denied(op: string, path: string, need: Need, cause: unknown): KnitError {
@@ -443,11 +653,11 @@ export class ZooKeeperRegistry implements Registry {
     const got = await this.getAcl(path);
     if (!got || sameAcl(got, want)) return false;
     await this.call<Stat | undefined>('set the ACL of', path, (c, cb) => c.setACL(path, want, -1, (err, st) => (code(err) === Exception.NO_NODE ? cb(null, undefined) : cb(err, st))));
-    this.o.log.debug({ path }, 'set the ACL of a znode');
+    this.o.log.debug({ event: EVENTS.registryAclsSet, path }, 'set the ACL of a znode');
     return true;
   }
 
-  private getData(path: string, watcher?: (e: ZkEvent) => void): Promise<{ data: Buffer; stat: Stat } | undefined> {
+  private getData(path: string, watcher?: Watcher): Promise<{ data: Buffer; stat: Stat } | undefined> {
     return this.call<{ data: Buffer; stat: Stat } | undefined>('read', path, (c, cb) => {
       const done = (err: unknown, data: Buffer, stat: Stat): void => (code(err) === Exception.NO_NODE ? cb(null, undefined) : cb(err, err ? undefined : { data, stat }));
       if (watcher) c.getData(path, watcher, done);
@@ -455,7 +665,7 @@ export class ZooKeeperRegistry implements Registry {
     });
   }
 
-  private getChildren(path: string, watcher?: (e: ZkEvent) => void): Promise<string[] | undefined> {
+  private getChildren(path: string, watcher?: Watcher): Promise<string[] | undefined> {
     return this.call<string[] | undefined>('list', path, (c, cb) => {
       const done = (err: unknown, children: string[]): void => (code(err) === Exception.NO_NODE ? cb(null, undefined) : cb(err, children));
       if (watcher) c.getChildren(path, watcher, done);
@@ -497,41 +707,128 @@ export class ZooKeeperRegistry implements Registry {
     throw new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `could not register ${i.id}: it kept changing under us`);
   }
 
+  /** Removes an instance's znode if it belongs to this session (another session's is someone else's now). */
+  private async removeOwn(i: Instance): Promise<void> {
+    const path = this.instancePath(i);
+    const got = await this.getData(path);
+    if (!got || !got.stat.ephemeralOwner.equals(this.sessionId())) return;
+    await this.call<void>('remove', path, (c, cb) => c.remove(path, got.stat.version, (err) => cb(code(err) === Exception.NO_NODE || code(err) === Exception.BAD_VERSION ? null : err, undefined)), 'agent');
+  }
+
+  /**
+   * Runs `fn` after every earlier write of instance `id` has settled: writes
+   * of one instance never overlap, so each one writes the latest wish and
+   * none can land after a newer one.
+   */
+  private locked(id: string, fn: () => Promise<void>): Promise<void> {
+    const run = (this.locks.get(id) ?? Promise.resolve()).then(fn);
+    const tail = run.catch(() => undefined);
+    this.locks.set(id, tail);
+    void tail.then(() => {
+      if (this.locks.get(id) === tail) this.locks.delete(id);
+    });
+    return run;
+  }
+
+  /** True when ZooKeeper holds what the caller asked for instance `id`, in this session. */
+  private inSync(id: string): boolean {
+    const e = this.owned.get(id);
+    if (!e) return true;
+    return e.want !== undefined && e.written?.instance === e.want && e.written.generation === this.sessionGeneration;
+  }
+
+  /** Makes ZooKeeper hold the latest wish for instance `id` in the current session. Rejects as the failing call did. */
+  private syncOne(id: string): Promise<void> {
+    return this.locked(id, async () => {
+      const e = this.owned.get(id);
+      if (!e || this.inSync(id)) return;
+      const generation = this.sessionGeneration;
+      const want = e.want;
+      // What this session wrote; an earlier session's znodes went with that session.
+      const prev = e.written?.generation === generation ? e.written.instance : undefined;
+      if (prev && (!want || this.instancePath(prev) !== this.instancePath(want))) {
+        // Deregistered, or moved to another service: the znode this session wrote goes.
+        await this.removeOwn(prev).catch((err: unknown) => {
+          throw this.unavailable(`deregister ${id}`, err);
+        });
+        e.written = undefined;
+      }
+      if (!want) {
+        if (this.owned.get(id) === e && e.want === undefined) this.owned.delete(id);
+        return;
+      }
+      const path = this.instancePath(want);
+      if (e.written && prev && this.instancePath(prev) === path) {
+        // Written in this session already: one setData, unless the znode was evicted meanwhile.
+        try {
+          await this.call<Stat>('update', path, (c, cb) => c.setData(path, Buffer.from(JSON.stringify(want)), -1, cb), 'agent');
+        } catch (err) {
+          if (code(err) !== Exception.NO_NODE) throw this.unavailable(`update ${id}`, err);
+          await this.createInstance(want);
+        }
+      } else {
+        await this.createInstance(want);
+      }
+      // Only a write that succeeded changes what is known to be there: after a failure ZooKeeper
+      // holds the previous write (or, if the answer was lost, perhaps this one; it is written again).
+      e.written = { instance: want, generation };
+    });
+  }
+
+  /**
+   * Writes a new wish for instance `id` now. A fault that a retry may cure
+   * keeps the wish (a background resync writes it, and the call may have
+   * taken effect anyway); a refusal (KNIT_ERR_REGISTRY_DENIED) puts the
+   * previous one back. Rejects with the KnitError either way.
+   */
+  private async write(id: string, what: string, rollback: () => void): Promise<void> {
+    try {
+      await this.syncOne(id);
+    } catch (e) {
+      const err = this.unavailable(what, e);
+      if (err.retryable) this.resyncInBackground();
+      else rollback();
+      throw err;
+    }
+  }
+
   async register(instance: Instance): Promise<void> {
     this.live();
-    const copy = structuredClone(instance);
-    const prev = this.owned.get(copy.id);
-    if (prev && prev.service !== copy.service) await this.deregister(prev.id);
-    await this.createInstance(copy);
-    this.owned.set(copy.id, copy);
+    const want = structuredClone(instance);
+    let e = this.owned.get(want.id);
+    if (!e) this.owned.set(want.id, (e = { want: undefined, written: undefined }));
+    const entry = e;
+    const before = entry.want;
+    entry.want = want;
+    await this.write(want.id, `register ${want.id}`, () => {
+      if (entry.want !== want) return;
+      entry.want = before;
+      if (!before && !entry.written && this.owned.get(want.id) === entry) this.owned.delete(want.id);
+    });
   }
 
   async setHealth(id: string, health: HealthStatus): Promise<void> {
     this.live();
-    const cur = this.owned.get(id);
-    if (!cur) throw new KnitError('KNIT_ERR_NOT_FOUND', `instance ${id} is not registered by this client`);
-    if (cur.health === health) return;
-    const next = { ...cur, health };
-    const path = this.instancePath(next);
-    try {
-      await this.call<Stat>('update', path, (c, cb) => c.setData(path, Buffer.from(JSON.stringify(next)), -1, cb), 'agent');
-    } catch (e) {
-      if (code(e) === Exception.NO_NODE) await this.createInstance(next);
-      else throw this.unavailable(`set health of ${id}`, e);
-    }
-    this.owned.set(id, next);
+    const e = this.owned.get(id);
+    const cur = e?.want;
+    if (!e || !cur) throw new KnitError('KNIT_ERR_NOT_FOUND', `instance ${id} is not registered by this client`);
+    if (cur.health === health && this.inSync(id)) return;
+    const want = { ...cur, health };
+    e.want = want;
+    await this.write(id, `set health of ${id}`, () => {
+      if (e.want === want) e.want = cur;
+    });
   }
 
   async deregister(id: string): Promise<void> {
     this.live();
-    const cur = this.owned.get(id);
-    if (!cur) return;
-    this.owned.delete(id);
-    const path = this.instancePath(cur);
-    const got = await this.getData(path).catch(() => undefined);
-    if (!got || !got.stat.ephemeralOwner.equals(this.sessionId())) return;
-    await this.call<void>('remove', path, (c, cb) => c.remove(path, got.stat.version, (err) => cb(code(err) === Exception.NO_NODE || code(err) === Exception.BAD_VERSION ? null : err, undefined)), 'agent').catch((e: unknown) => {
-      throw this.unavailable(`deregister ${id}`, e);
+    const e = this.owned.get(id);
+    // Also when an earlier deregister of it failed: its znode is still to be removed.
+    if (!e) return;
+    const before = e.want;
+    e.want = undefined;
+    await this.write(id, `deregister ${id}`, () => {
+      if (before && e.want === undefined && this.owned.get(id) === e) e.want = before;
     });
   }
 
@@ -548,30 +845,29 @@ export class ZooKeeperRegistry implements Registry {
     if (c?.role === 'agent') {
       throw new KnitError('KNIT_ERR_REGISTRY_DENIED', `evicting ${path} needs knit's server credential; this client has the agent credential "${c.user}" (an agent removes only its own instances, with deregister)`);
     }
-    if (this.owned.get(id)?.service === service) this.owned.delete(id);
-    await this.call<void>('remove', path, (cl, cb) => cl.remove(path, -1, (err) => cb(code(err) === Exception.NO_NODE ? null : err, undefined)), 'server').catch((e: unknown) => {
-      throw this.unavailable(`evict ${id}`, e);
+    const remove = (): Promise<void> =>
+      this.call<void>('remove', path, (cl, cb) => cl.remove(path, -1, (err) => cb(code(err) === Exception.NO_NODE ? null : err, undefined)), 'server').catch((e: unknown) => {
+        throw this.unavailable(`evict ${id}`, e);
+      });
+    if (this.owned.get(id)?.want?.service !== service) return remove();
+    // Its own instance: forgotten and removed after any write of it in flight, which would bring it back.
+    await this.locked(id, async () => {
+      this.owned.delete(id);
+      await remove();
     });
   }
 
-  private async readInstances(
-    service: string,
-    arm?: { children?: (e: ZkEvent) => void; data?: (child: string) => ((e: ZkEvent) => void) | undefined; missing?: (child?: string) => void },
-  ): Promise<Instance[] | undefined> {
+  /** Every instance of `service` (undefined when it has no directory), setting `watcher` on the list and on each one. */
+  private async readInstances(service: string, watcher?: Watcher): Promise<Instance[] | undefined> {
     const dir = `${this.o.root}/services/${service}`;
-    const children = await this.getChildren(dir, arm?.children);
-    if (!children) {
-      arm?.missing?.();
-      return undefined;
-    }
+    const children = await this.getChildren(dir, watcher);
+    if (!children) return undefined;
     const list: Instance[] = [];
     await Promise.all(
       children.map(async (child) => {
-        const got = await this.getData(`${dir}/${child}`, arm?.data?.(child));
-        if (!got) {
-          arm?.missing?.(child);
-          return;
-        }
+        // Gone since the listing: the list's watch fires for that removal.
+        const got = await this.getData(`${dir}/${child}`, watcher);
+        if (!got) return;
         try {
           list.push(JSON.parse(got.data.toString('utf8')) as Instance);
         } catch {
@@ -607,91 +903,93 @@ export class ZooKeeperRegistry implements Registry {
   }
 
   /**
-   * A watch that re-reads its state on every ZooKeeper event and re-arms.
-   * Refreshes are coalesced so an event storm costs one read at a time, and
-   * each ZooKeeper watch (keyed by kind and path) is armed once until it
-   * fires: re-arming a pending one would pile listeners up in the client.
+   * A watch that re-reads its state on every ZooKeeper event. `read` sets
+   * `watcher` on everything it reads, so every read that succeeds re-arms
+   * the watch whole: there is no "armed" bookkeeping that a failed read
+   * could leave wrong. The one function per watch is what lets the library
+   * keep a single listener per path however often it is set again. A
+   * failed read is reported and retried with a capped backoff (at once on
+   * reconnection); refreshes are coalesced so an event storm costs one read
+   * at a time.
    */
-  private watch<T>(read: (arms: Arms) => Promise<T>, same: (a: T, b: T) => boolean, deliver: (v: T) => void, onError?: WatchErrorHandler): Watch {
+  private watch<T>(read: (watcher: Watcher) => Promise<T>, same: (a: T, b: T) => boolean, deliver: (v: T) => void, onError?: WatchErrorHandler): Watch {
     this.live();
     let running = false;
     let dirty = false;
     let open = true;
+    let failures = 0;
+    let retry: NodeJS.Timeout | undefined;
     let last: { v: T } | undefined;
-    let armed = new Set<string>();
-    let generation = this.sessionGeneration;
-    const arms: Arms = {
-      arm: (key) => {
-        // A new session has none of the old session's watches.
-        if (generation !== this.sessionGeneration) {
-          armed = new Set();
-          generation = this.sessionGeneration;
+    const watcher: Watcher = () => w.refresh();
+    const run = async (): Promise<void> => {
+      let failed = false;
+      do {
+        dirty = false;
+        let v: T;
+        try {
+          v = await read(watcher);
+          failed = false;
+          failures = 0;
+        } catch (e) {
+          failed = true;
+          // The first failure of a streak and every tenth: an outage is told, not shouted (the retries run at most 10 s apart).
+          if (open && ++failures % 10 === 1) onError?.(this.unavailable('watch', e));
+          continue;
         }
-        if (armed.has(key)) return undefined;
-        armed.add(key);
-        return () => {
-          armed.delete(key);
-          w.refresh();
-        };
-      },
-      // ZooKeeper sets no watch when the read found no node.
-      disarm: (key) => armed.delete(key),
+        if (open && (!last || !same(last.v, v))) {
+          last = { v };
+          try {
+            deliver(v);
+          } catch (e) {
+            this.o.log.error({ event: EVENTS.registryError, err: (e as Error).message }, `a registry watch callback threw: ${(e as Error).message}`);
+          }
+        }
+      } while (dirty && open);
+      running = false;
+      if (failed && open) {
+        retry = setTimeout(() => w.refresh(), faultRetryDelay(failures - 1));
+        retry.unref();
+      }
     };
-    const w: Refreshable = {
+    const w: LiveWatch = {
       refresh: () => {
         if (!open) return;
+        clearTimeout(retry);
+        retry = undefined;
         if (running) {
           dirty = true;
           return;
         }
         running = true;
-        void (async () => {
-          do {
-            dirty = false;
-            try {
-              const v = await read(arms);
-              if (open && (!last || !same(last.v, v))) {
-                last = { v };
-                deliver(v);
-              }
-            } catch (e) {
-              if (open) onError?.(this.unavailable('watch', e));
-              // Retried when the connection comes back (state handler) or on the next event.
-            }
-          } while (dirty && open);
-          running = false;
-        })();
+        void run();
       },
       fail: (err) => {
         if (open) onError?.(err);
       },
-    };
-    this.watches.add(w);
-    w.refresh();
-    return {
       close: () => {
         open = false;
+        clearTimeout(retry);
         this.watches.delete(w);
       },
     };
+    this.watches.add(w);
+    w.refresh();
+    return { close: () => w.close() };
   }
 
   watchService(service: string, onSnapshot: (instances: Instance[]) => void, onError?: WatchErrorHandler): Watch {
     const dir = `${this.o.root}/services/${service}`;
     return this.watch<Instance[]>(
-      async (arms) => {
-        const list = await this.readInstances(service, {
-          children: arms.arm(`children:${dir}`),
-          data: (child) => arms.arm(`data:${dir}/${child}`),
-          missing: (child) => arms.disarm(child === undefined ? `children:${dir}` : `data:${dir}/${child}`),
-        });
-        if (list === undefined) {
-          // No such service yet: watch for its creation.
-          const created = arms.arm(`exists:${dir}`);
-          if (created) await this.call<Stat>('exists', dir, (c, cb) => c.exists(dir, created, cb));
-          return [];
+      async (watcher) => {
+        for (let i = 0; i < MAX_RACING_READS; i++) {
+          const list = await this.readInstances(service, watcher);
+          if (list) return list.filter(isRoutable);
+          // No such service yet: watch for its creation. Created meanwhile, exists() set a data
+          // watch, which no new instance would fire: read its children instead.
+          const stat = await this.call<Stat | undefined>('exists', dir, (c, cb) => c.exists(dir, watcher, (err, st) => cb(err, st ?? undefined)));
+          if (!stat) return [];
         }
-        return list.filter(isRoutable);
+        throw new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `${dir} kept appearing and vanishing while it was read`);
       },
       (a, b) => JSON.stringify(a) === JSON.stringify(b),
       onSnapshot,
@@ -762,18 +1060,16 @@ export class ZooKeeperRegistry implements Registry {
   watchKey(key: string, onValue: (entry: KvEntry | undefined) => void, onError?: WatchErrorHandler): Watch {
     const path = this.kvPath(key);
     return this.watch<KvEntry | undefined>(
-      async (arms) => {
-        const got = await this.getData(path, arms.arm(`data:${path}`));
-        if (got) return { value: got.data.toString('utf8'), version: got.stat.version + 1 };
-        arms.disarm(`data:${path}`);
-        // getData on a missing node arms nothing: exists() watches for its creation.
-        const created = arms.arm(`exists:${path}`);
-        if (created) {
-          const stat = await this.call<Stat | undefined>('exists', path, (c, cb) => c.exists(path, created, (err, st) => cb(err, st ?? undefined)));
-          // Created between the two reads: the exists watch is set on a live node and will fire on its next change; read now.
-          if (stat) return this.kvGet(key);
+      async (watcher) => {
+        for (let i = 0; i < MAX_RACING_READS; i++) {
+          const got = await this.getData(path, watcher);
+          if (got) return { value: got.data.toString('utf8'), version: got.stat.version + 1 };
+          // getData on a missing node arms nothing: exists() watches for its creation. Created
+          // between the two reads, it is read again (its exists watch is a data watch by then).
+          const stat = await this.call<Stat | undefined>('exists', path, (c, cb) => c.exists(path, watcher, (err, st) => cb(err, st ?? undefined)));
+          if (!stat) return undefined;
         }
-        return undefined;
+        throw new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', `${path} kept appearing and vanishing while it was read`);
       },
       (a, b) => a?.version === b?.version && a?.value === b?.value,
       onValue,
@@ -781,13 +1077,28 @@ export class ZooKeeperRegistry implements Registry {
     );
   }
 
+  /**
+   * `listener` runs each time this client has built a new ZooKeeper session
+   * (the old one expired) and written every instance it owns again, with the
+   * latest health it was given: the moment for an agent to re-assert its own
+   * view. Returns the function that unsubscribes.
+   */
+  onResync(listener: () => void): () => void {
+    this.resyncListeners.add(listener);
+    return () => void this.resyncListeners.delete(listener);
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.stop.abort();
     clearTimeout(this.lostTimer);
-    this.watches.clear();
+    for (const w of [...this.watches]) w.close();
     this.owned.clear();
+    this.resyncListeners.clear();
+    // A session being opened by a recovery is closed too: none outlives close().
+    if (this.connecting) this.closeClient(this.connecting);
     // Closing the session removes this client's ephemeral instances at once.
-    this.client.close();
+    this.closeClient(this.client);
   }
 }

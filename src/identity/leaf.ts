@@ -5,8 +5,8 @@
  * window: spreads a fleet's renewals so a CA restart is not a stampede),
  * and retried with backoff on failure, long before it expires.
  */
-import { createCsr, validateLeaf, type SignedLeaf } from '../identity/ca.js';
-import type { SpiffeId } from '../identity/spiffe.js';
+import { createCsr, validateLeaf, type SignedLeaf } from './ca.js';
+import type { SpiffeId } from './spiffe.js';
 import type { ServiceTls } from '../proxy/tls.js';
 import { EVENTS, type Logger } from '../log/logger.js';
 
@@ -49,6 +49,24 @@ export interface LeafManagerOptions {
   onRenewed: (t: ServiceTls) => void;
   random?: () => number;
   now?: () => Date;
+  /**
+   * Schedules the next renewal (or retry) `ms` from now; default setTimeout,
+   * unref'd and re-armed past setTimeout's 24.8-day limit. Tests pass one
+   * they fire themselves, with `now`, to run a leaf's life in no time.
+   */
+  schedule?: (fn: () => void, ms: number) => { cancel(): void };
+}
+
+/** setTimeout as a canceller; setTimeout caps at 2^31-1 ms (24.8 days), so longer waits are re-armed. */
+function scheduleWithTimers(fn: () => void, ms: number): { cancel(): void } {
+  const MAX = 2 ** 31 - 1;
+  let timer: NodeJS.Timeout;
+  const arm = (left: number): void => {
+    timer = setTimeout(() => (left > MAX ? arm(left - MAX) : fn()), Math.min(left, MAX));
+    timer.unref();
+  };
+  arm(ms);
+  return { cancel: () => clearTimeout(timer) };
 }
 
 /** One service's leaf: obtained once, then renewed forever until stopped. */
@@ -56,7 +74,7 @@ export class LeafManager {
   private material: ServiceTls | undefined;
   private notBefore = new Date(0);
   private notAfter = new Date(0);
-  private timer: NodeJS.Timeout | undefined;
+  private timer: { cancel(): void } | undefined;
   private stopped = false;
   private attempt = 0;
 
@@ -78,8 +96,12 @@ export class LeafManager {
     return t;
   }
 
+  private now(): Date {
+    return (this.o.now ?? (() => new Date()))();
+  }
+
   private adopt(t: ServiceTls): ServiceTls {
-    const info = validateLeaf(t.certChainPem, this.o.id, (this.o.now ?? (() => new Date()))());
+    const info = validateLeaf(t.certChainPem, this.o.id, this.now());
     this.material = t;
     this.notBefore = info.notBefore;
     this.notAfter = info.notAfter;
@@ -88,7 +110,7 @@ export class LeafManager {
 
   /** Issues a new leaf now. */
   async issue(): Promise<ServiceTls> {
-    const now = (this.o.now ?? (() => new Date()))();
+    const now = this.now();
     const { keyPem, csrPem } = await createCsr(this.o.id);
     const signed = await this.o.sign(csrPem);
     const info = validateLeaf(signed.certPem, this.o.id, now);
@@ -104,12 +126,9 @@ export class LeafManager {
 
   private schedule(delay?: number): void {
     if (this.stopped) return;
-    const now = (this.o.now ?? (() => new Date()))();
-    const ms = delay ?? renewalDelay(this.notBefore, this.notAfter, now, (this.o.random ?? Math.random)());
-    clearTimeout(this.timer);
-    // setTimeout caps at 2^31-1 ms (24.8 days); longer waits are re-armed.
-    this.timer = setTimeout(() => void this.renew(), Math.min(ms, 2 ** 31 - 1));
-    this.timer.unref();
+    const ms = delay ?? renewalDelay(this.notBefore, this.notAfter, this.now(), (this.o.random ?? Math.random)());
+    this.timer?.cancel();
+    this.timer = (this.o.schedule ?? scheduleWithTimers)(() => void this.renew(), ms);
   }
 
   private async renew(): Promise<void> {
@@ -120,7 +139,7 @@ export class LeafManager {
       if (!this.stopped) this.o.onRenewed(t);
       this.schedule();
     } catch (e) {
-      const left = this.notAfter.getTime() - Date.now();
+      const left = this.notAfter.getTime() - this.now().getTime();
       const wait = retryDelay(this.attempt++, left);
       this.o.log.warn({ event: EVENTS.certRenewFailed, service: this.o.service, err: (e as Error).message, retryInMs: wait, expiresInMs: left }, `renewing certificate of ${this.o.service} failed: ${(e as Error).message}`);
       this.schedule(wait);
@@ -129,6 +148,6 @@ export class LeafManager {
 
   stop(): void {
     this.stopped = true;
-    clearTimeout(this.timer);
+    this.timer?.cancel();
   }
 }
