@@ -175,6 +175,8 @@ async function choosePorts(): Promise<Ports> {
     [ports.server, "knit server's API (--server-port)"],
     [ports.admin[0], "agent web-1's admin API (--admin-ports)"],
     [ports.admin[1], "agent api-1's admin API (--admin-ports)"],
+    [15008, "agent web-1's HBONE port"],
+    [15009, "agent api-1's HBONE port"],
   ];
   for (const [port, what] of wanted) {
     if (await inUse(port)) throw new Error(`port ${port} on 127.0.0.1 is already in use; ${what} wants it. Is npm run hello or another fleet running? Stop it, choose another port, or pass --any-ports`);
@@ -217,8 +219,8 @@ async function main(): Promise<void> {
   console.log(`  knit server    ${serverUrl}  (log: ${join(dir, 'server.log')})`);
 
   const nodes = [
-    { node: 'web-1', service: 'web' as const, admin: p.admin[0], base: 21000 },
-    { node: 'api-1', service: 'api' as const, admin: p.admin[1], base: 21100 },
+    { node: 'web-1', service: 'web' as const, admin: p.admin[0], base: 15008 },
+    { node: 'api-1', service: 'api' as const, admin: p.admin[1], base: 15009 },
   ];
   const agents: Member[] = [];
   for (const n of nodes) {
@@ -238,7 +240,7 @@ async function main(): Promise<void> {
       'advertise: 127.0.0.1',
       'bind: 127.0.0.1',
       `admin: 127.0.0.1:${n.admin}`,
-      `inbound_port_base: ${args['any-ports'] ? 0 : n.base}`,
+      `hbone_port: ${args['any-ports'] ? 0 : n.base}`,
       'drain: 1s',
       '',
     ].join('\n'));

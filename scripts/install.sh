@@ -4,7 +4,7 @@
 #   scripts/install.sh server [--registry zk://h1:2181,h2:2181/knit] [--listen 0.0.0.0:7700] [--advertise cp.example.com]
 #   scripts/install.sh agent  --server https://cp:7700 --registry zk://h1:2181/knit --token knit.xxxx [--node NAME]
 #
-# Lays out: a `knit` system user; the code in /usr/local/lib/knit and
+# Lays out: a `knit` system user; the compiled code in /usr/local/lib/knit and
 # /usr/local/bin/knit; /etc/knit/{server,agent}.yaml (kept if present);
 # /etc/knit/services.d; /etc/knit/join.token (0600); /var/lib/knit (0700);
 # the systemd unit, enabled and started when systemd runs.
@@ -48,10 +48,43 @@ etc="$root/etc/knit"
 state="$root/var/lib/knit"
 units="$root/etc/systemd/system"
 
-# The code, with production dependencies only.
-mkdir -p "$lib" "$root/usr/local/bin"
-tar -C "$src" --exclude=node_modules --exclude=.git --exclude=.knit-dev -cf - . | tar -C "$lib" -xf -
-(cd "$lib" && npm ci --omit=dev --no-audit --no-fund --loglevel=error >/dev/null)
+# The code: compiled JavaScript and production dependencies only, so that
+# the installed knit runs dist/ with no TypeScript loader. TypeScript is a
+# devDependency: build in a scratch copy of the checkout (npm ci installs
+# everything and its `prepare` runs `npm run build`), prune the dev
+# dependencies, then install bin/, dist/ and node_modules/. The checkout is
+# left as it was: no root-owned dist/ or node_modules/ in a user's clone.
+# npm ci also compiles the native addon transparent capture needs
+# (binding.gyp: node-gyp, so python3, make and a C++ compiler); only its
+# build/Release/original_dst.node is installed, not node-gyp's objects.
+# The checkout's own build/ is left out of the copy: it may have been built
+# for another Node.
+# node-gyp builds against the running Node's own headers when they are
+# there (official tarballs, NodeSource, Debian's libnode-dev) rather than
+# downloading them from nodejs.org: the install then works offline and
+# matches the Node that runs knit. An npm config that names one is kept.
+if [ -z "${npm_config_nodedir:-}" ] && ! npm config get nodedir 2>/dev/null | grep -q '^/'; then
+  nodedir=$(cd "$(dirname "$(readlink -f "$(command -v node)")")/.." && pwd)
+  if [ -f "$nodedir/include/node/common.gypi" ]; then export npm_config_nodedir=$nodedir; fi
+fi
+stage=$(mktemp -d "${TMPDIR:-/tmp}/knit-install.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+tar -C "$src" --exclude=node_modules --exclude=.git --exclude=.knit-dev --exclude=dist --exclude=./build -cf - . | tar -C "$stage" --no-same-owner -xf -
+if ! (cd "$stage" && npm ci --no-audit --no-fund --loglevel=error && npm prune --omit=dev --no-audit --no-fund --loglevel=error) >"$stage/.install.log" 2>&1; then
+  cat "$stage/.install.log" >&2
+  die "building knit failed (npm ci, its native addon (needs python3, make, g++) and npm run build, in a copy of $src)"
+fi
+[ -f "$stage/dist/cli/main.js" ] || die "npm ci did not build dist/ (package.json's prepare script)"
+[ -f "$stage/build/Release/original_dst.node" ] || die "npm ci did not build build/Release/original_dst.node (node-gyp, from binding.gyp)"
+rm -f "$stage/dist/.tsbuildinfo"
+# Swapped in whole, so that a reinstall leaves no file of an older layout behind (src/ before dist/ existed).
+mkdir -p "$(dirname "$lib")" "$root/usr/local/bin"
+rm -rf "$lib.new" "$lib.old"
+mkdir "$lib.new"
+tar -C "$stage" -cf - bin dist build/Release/original_dst.node node_modules package.json package-lock.json README.md | tar -C "$lib.new" --no-same-owner -xf -
+if [ -e "$lib" ]; then mv "$lib" "$lib.old"; fi
+mv "$lib.new" "$lib"
+rm -rf "$lib.old"
 ln -sfn /usr/local/lib/knit/bin/knit.mjs "$root/usr/local/bin/knit"
 
 if [ -z "$root" ] && ! id knit >/dev/null 2>&1; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command (`npm test`): type-check, lint, then every test file with
+# The test command (`npm test`): type-check, lint, build, then every test file with
 # node's test runner. Node 20 does not expand globs itself, hence find.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,8 @@ if [ -n "$missing" ] && [ "$(id -u)" = 0 ]; then
 fi
 echo "== typecheck"; npx tsc --noEmit
 echo "== lint"; npx eslint .
+# The end-to-end tests spawn bin/knit.mjs, which runs dist/ when it is current: build it from these sources.
+echo "== build"; npm run --silent build
 mapfile -t files < <(find src test -name '*.test.ts' | sort)
 echo "== tests (${#files[@]} files)"
 exec node --import tsx --test --test-concurrency=2 --test-timeout=900000 "${files[@]}"

@@ -77,7 +77,8 @@ async function startServer(): Promise<void> {
   await server.waitFor(/knit server ready/, 60_000);
 }
 
-describe('chaos: traffic between three agents while ZooKeeper, the control plane, agents and links fail', { skip: missing && `cannot run: ${missing}` }, () => {
+// A hang fails in minutes, not at the runner's 15-minute limit (a normal run takes about a minute).
+describe('chaos: traffic between three agents while ZooKeeper, the control plane, agents and links fail', { skip: missing && `cannot run: ${missing}`, timeout: (SECONDS + 240) * 1000 }, () => {
   before(async () => {
     net = makeNet([...HOSTS], 79);
     dir = await mkdtemp(join(tmpdir(), 'knit-chaos-'));

@@ -203,7 +203,7 @@ test('regression: knit dev without --config-dir did not say where it looked (mis
 
   const empty = join(dir, 'empty');
   await mkdir(empty);
-  const p = start([KNIT, 'dev', '--config-dir', empty, '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${await freePort()}`, '--inbound-port-base', '0'], env);
+  const p = start([KNIT, 'dev', '--config-dir', empty, '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${await freePort()}`, '--hbone-port', '0'], env);
   t.after(() => p.kill());
   await p.waitFor(/knit dev ready/, 60_000);
   assert.match(p.stderr(), new RegExp(`^knit dev: no service files \\(\\*\\.json, \\*\\.yaml, \\*\\.yml\\) in ${empty}; starting with none\\. Add files there and send SIGHUP`, 'm'));
@@ -216,7 +216,7 @@ test('regression: a port already in use was a stack trace; it is one line naming
   await once(holder, 'listening');
   t.after(() => new Promise<void>((r) => holder.close(() => r())));
   const port = (holder.address() as net.AddressInfo).port;
-  const r = await knit(['dev', '--config-dir', join(ROOT, 'examples/hello/services'), '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${port}`, '--inbound-port-base', '0']);
+  const r = await knit(['dev', '--config-dir', join(ROOT, 'examples/hello/services'), '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${port}`, '--hbone-port', '0']);
   assert.equal(r.code, 1);
   const last = r.stderr.trim().split('\n').at(-1);
   assert.equal(last, `knit: port ${port} on 127.0.0.1 is already in use: knit dev's admin API wanted it; is another knit dev running? --admin-addr 127.0.0.1:PORT uses another port`);
@@ -280,7 +280,7 @@ test('regression: knit dev lost its last log lines on SIGTERM (asynchronous logg
   const dir = await tempDir(t);
   await mkdir(join(dir, 'conf'));
   await writeFile(join(dir, 'conf', 'solo.yaml'), 'service:\n  name: solo\n');
-  const p = start([KNIT, 'dev', '--config-dir', join(dir, 'conf'), '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${await freePort()}`, '--inbound-port-base', '0']);
+  const p = start([KNIT, 'dev', '--config-dir', join(dir, 'conf'), '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${await freePort()}`, '--hbone-port', '0']);
   t.after(() => p.kill());
   await p.waitFor(/knit dev ready/, 60_000);
   assert.equal(await p.stop(), 0);

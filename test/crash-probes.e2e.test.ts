@@ -25,7 +25,7 @@ before(async () => {
   const service = { service: { name: 'probe-target', port: await freePort(), connect: { sidecar_service: { proxy: { upstreams: [{ destination_name: 'probe-elsewhere', local_bind_port: await freePort() }] } } } } };
   await writeFile(join(configDir, 'probe-target.json'), JSON.stringify(service, null, 2));
   adminPort = await freePort();
-  dev = start([KNIT, 'dev', '--config-dir', configDir, '--data-dir', dataDir, '--admin-addr', `127.0.0.1:${adminPort}`, '--inbound-port-base', '0'], { KNIT_LOG_LEVEL: 'info' });
+  dev = start([KNIT, 'dev', '--config-dir', configDir, '--data-dir', dataDir, '--admin-addr', `127.0.0.1:${adminPort}`, '--hbone-port', '0'], { KNIT_LOG_LEVEL: 'info' });
   await dev.waitFor(/knit dev ready/);
 });
 
@@ -38,8 +38,8 @@ after(async () => {
 /** What the probes must not change: the intentions (with their version) and the services. */
 async function snapshot(): Promise<unknown> {
   const get = async (path: string) => (await request(`http://127.0.0.1:${adminPort}${path}`)).body.json();
-  const state = (await get('/v1/state')) as { services: Array<{ name: string; meshPort: number }> };
-  return { intentions: await get('/v1/intentions'), services: state.services.map((s) => [s.name, s.meshPort]) };
+  const state = (await get('/v1/state')) as { services: Array<{ name: string; port: number }> };
+  return { intentions: await get('/v1/intentions'), services: state.services.map((s) => [s.name, s.port]) };
 }
 
 test('knit dev survives the crash probes on its admin API, still healthy and unchanged', async (t) => {

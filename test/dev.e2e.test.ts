@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tls from 'node:tls';
 import http from 'node:http';
+import http2 from 'node:http2';
 import { once } from 'node:events';
 import { request } from 'undici';
 import { start, knit, freePort, ROOT, KNIT, type Proc } from './helpers/knit.js';
@@ -26,7 +27,7 @@ const apps: Proc[] = [];
 const admin = (): string[] => ['--admin', adminUrl];
 
 async function startDev(): Promise<Proc> {
-  const p = start([KNIT, 'dev', '--config-dir', configDir, '--data-dir', dataDir, '--admin-addr', adminAddr, '--inbound-port-base', '0'], { KNIT_LOG_LEVEL: 'info' });
+  const p = start([KNIT, 'dev', '--config-dir', configDir, '--data-dir', dataDir, '--admin-addr', adminAddr, '--hbone-port', '0'], { KNIT_LOG_LEVEL: 'info' });
   await p.waitFor(/knit dev ready/);
   return p;
 }
@@ -37,7 +38,7 @@ async function callWeb(): Promise<{ status: number; body: string }> {
   return { status: r.statusCode, body: await r.body.text() };
 }
 
-async function state(): Promise<{ trustDomain: string; services: Array<{ name: string; meshPort: number; health: string }> }> {
+async function state(): Promise<{ trustDomain: string; hbonePort: number; services: Array<{ name: string; port: number; health: string }> }> {
   return (await request(`${adminUrl}/v1/state`)).body.json() as never;
 }
 
@@ -93,7 +94,9 @@ test('knit intention deny closes an open connection and the next call fails at o
   assert.equal(await get(), 200);
   const sock = Object.values(agent.freeSockets)[0]?.[0];
   assert.ok(sock, 'a kept-alive socket');
-  const closed = once(sock, 'close');
+  // A denial resets the connection (an error, then the close): wait for the close.
+  const closed = new Promise((r) => sock.once('close', r));
+  sock.on('error', () => undefined);
 
   const denied = await knit(['intention', 'deny', 'web', 'api', ...admin()]);
   assert.equal(denied.code, 0, denied.stderr);
@@ -110,24 +113,41 @@ test('knit intention deny closes an open connection and the next call fails at o
   await until('allowed again', async () => (await callWeb()).status === 200);
 });
 
-test('the mesh port refuses no certificate, another CA, an expired certificate, and a service without intention', async () => {
-  const apiPort = (await state()).services.find((s) => s.name === 'api')!.meshPort;
+test('the HBONE port refuses no certificate, another CA, an expired certificate, and a service without intention', async () => {
+  const st = await state();
+  const apiPort = st.services.find((s) => s.name === 'api')!.port;
   const ca = await CertificateAuthority.load({ certPem: await readFile(join(dataDir, 'ca/root.pem'), 'utf8'), keyPem: await readFile(join(dataDir, 'ca/root.key'), 'utf8') });
   const leaf = async (signer: CertificateAuthority, service: string, now?: Date) => {
     const id = serviceId(ca.trustDomain, service);
     const { keyPem, csrPem } = await createCsr(id);
     return { key: keyPem, cert: (await signer.signCsr(csrPem, id, { now })).certPem };
   };
-  /** Connects and sends a request; 'served' if api answered, 'refused' if the connection was closed. */
+  /** An HBONE client: TLS to api (SNI), one CONNECT stream to api's port, a request; 'served' if api answered. */
   const attempt = async (creds: { key?: string; cert?: string }): Promise<'served' | 'refused'> => {
-    const s = tls.connect({ host: '127.0.0.1', port: apiPort, ca: ca.rootPem, checkServerIdentity: () => undefined, ...creds });
+    const s = tls.connect({ host: '127.0.0.1', port: st.hbonePort, ca: ca.rootPem, checkServerIdentity: () => undefined, servername: `api.default.svc.${ca.trustDomain}`, ALPNProtocols: ['h2'], ...creds });
     s.on('error', () => undefined);
     try {
       await once(s, 'secureConnect');
-      s.write('GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n');
-      let got = '';
-      s.on('data', (d: Buffer) => (got += d.toString()));
-      await once(s, 'close');
+      if (s.destroyed) return 'refused';
+      const session = http2.connect(`https://127.0.0.1:${st.hbonePort}`, { createConnection: () => s });
+      session.on('error', () => undefined);
+      const got = await new Promise<string>((resolve) => {
+        // A connection the server refuses may die before the session notices: its socket's close ends the wait.
+        s.once('close', () => resolve('closed'));
+        const stream = session.request({ ':method': 'CONNECT', ':authority': `127.0.0.1:${apiPort}` });
+        let body = '';
+        stream.on('response', (h) => {
+          if (h[':status'] !== 200) return resolve(`status ${h[':status']}`);
+          stream.write('GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n');
+        });
+        stream.on('data', (d: Buffer) => (body += d.toString()));
+        // The app answers and closes its side: the stream's end (half-close) is the answer's end.
+        stream.on('end', () => resolve(body));
+        stream.on('close', () => resolve(body));
+        stream.on('error', () => undefined);
+        session.on('close', () => resolve(body));
+      });
+      session.destroy();
       return /hello from api/.test(got) ? 'served' : 'refused';
     } catch {
       return 'refused';
@@ -163,7 +183,7 @@ test('a bad service file is refused with the file named; running services keep r
     assert.match(v.stderr, new RegExp(`${bad.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}:3: service\\.port: .*port out of range`));
 
     const other = await mkdtemp(join(tmpdir(), 'knit-e2e-bad-'));
-    const refused = await knit(['dev', '--config-dir', configDir, '--data-dir', other, '--admin-addr', `127.0.0.1:${await freePort()}`, '--inbound-port-base', '0']);
+    const refused = await knit(['dev', '--config-dir', configDir, '--data-dir', other, '--admin-addr', `127.0.0.1:${await freePort()}`, '--hbone-port', '0']);
     assert.equal(refused.code, 1);
     assert.match(refused.stderr, /zz-bad\.json:3: service\.port/);
     assert.match(refused.stderr, /knit: refusing to start: 1 problem/);

@@ -36,6 +36,7 @@ let serverUrl: string;
 let cliEnv: NodeJS.ProcessEnv;
 let fleet: FleetAgents;
 let apiApp: ChildProcess | undefined;
+let adminApp: ChildProcess | undefined;
 const agents = { get a() { return fleet.agents.a!; }, get b() { return fleet.agents.b!; } };
 
 /** Starts (or restarts) the agent of a host inside its namespace; resolves when it is ready. */
@@ -43,11 +44,22 @@ async function startAgent(host: 'a' | 'b'): Promise<void> {
   await fleet.start(host);
 }
 
+/** A counter of an agent's /metrics, summed over the series matching `labels` (a regex of the label set). */
+async function counter(host: 'a' | 'b', name: string, labels = ''): Promise<number> {
+  const text = await agentMetrics(host);
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    const m = new RegExp(`^${name}\\{([^}]*)\\} ([0-9.e+]+)$`).exec(line);
+    if (m && new RegExp(labels).test(m[1]!)) sum += Number(m[2]);
+  }
+  return sum;
+}
+
 /** GET through web's upstream on host A (bound on A's address); 'ok', 'failed' or 'slow'. */
-function callApi(agent?: http.Agent): Promise<{ result: 'ok' | 'failed'; ms: number }> {
+function callApi(agent?: http.Agent, port = 9191): Promise<{ result: 'ok' | 'failed'; ms: number }> {
   const t0 = Date.now();
   return new Promise((resolve) => {
-    const req = http.get({ host: net.hosts.a!.address, port: 9191, path: '/', agent: agent ?? false, timeout: 5000 }, (res) => {
+    const req = http.get({ host: net.hosts.a!.address, port, path: '/', agent: agent ?? false, timeout: 5000 }, (res) => {
       let body = '';
       res.on('data', (c: Buffer) => (body += c.toString()));
       res.on('end', () => resolve({ result: res.statusCode === 200 && body.includes('hello from api') ? 'ok' : 'failed', ms: Date.now() - t0 }));
@@ -80,7 +92,7 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     cliEnv = { KNIT_SERVER: serverUrl, KNIT_TOKEN_FILE: join(dir, 'server', 'data', 'operator.token'), KNIT_CA_FILE: join(dir, 'server', 'data', 'ca', 'root.pem') };
 
     fleet = new FleetAgents(net, dir);
-    const services = { a: 'web', b: 'api' } as const;
+    const services = { a: 'web', b: 'api,admin' } as const;
     for (const host of ['a', 'b'] as const) {
       const tok = await knit(['token', 'create', '--node', `host-${host}`, '--services', services[host], '--ttl', '10m'], cliEnv);
       assert.equal(tok.code, 0, tok.stderr);
@@ -91,19 +103,26 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
       });
       await writeFile(join(dir, host, 'join.token'), tok.stdout);
     }
-    await writeFile(join(dir, 'a', 'services', 'web.json'), JSON.stringify({ service: { name: 'web', connect: { sidecar_service: { proxy: { upstreams: [{ destination_name: 'api', local_bind_port: 9191, local_bind_address: net.hosts.a!.address }] } } } } }));
+    const up = (name: string, port: number) => ({ destination_name: name, local_bind_port: port, local_bind_address: net.hosts.a!.address });
+    await writeFile(join(dir, 'a', 'services', 'web.json'), JSON.stringify({ service: { name: 'web', connect: { sidecar_service: { proxy: { upstreams: [up('api', 9191), up('admin', 9192)] } } } } }));
     await writeFile(join(dir, 'b', 'services', 'api.json'), JSON.stringify({ service: { name: 'api', port: 9001, check: { http: 'http://127.0.0.1:9001/health', interval: '1s', timeout: '1s' } } }));
+    // A second service on B: its own tunnel from web, the same two agents and HBONE listener.
+    await writeFile(join(dir, 'b', 'services', 'admin.json'), JSON.stringify({ service: { name: 'admin', port: 9002 } }));
     apiApp = net.spawn('b', [process.execPath, join(ROOT, 'examples/hello/api.mjs')]);
     await new Promise((r) => apiApp!.stdout!.once('data', r));
+    adminApp = net.spawn('b', [process.execPath, join(ROOT, 'examples/hello/api.mjs')], { API_PORT: '9002' });
+    await new Promise((r) => adminApp!.stdout!.once('data', r));
     await startAgent('b');
     await startAgent('a');
     const applied = await knit(['intention', 'allow', 'web', 'api'], cliEnv);
     assert.equal(applied.code, 0, applied.stderr);
+    assert.equal((await knit(['intention', 'allow', 'web', 'admin'], cliEnv)).code, 0);
   });
 
   after(async () => {
     fleet?.killAll();
     apiApp?.kill('SIGKILL');
+    adminApp?.kill('SIGKILL');
     await server?.kill();
     await zk?.stop();
     net?.cleanup();
@@ -117,6 +136,60 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     for (const f of ['b/data/agent/key.pem', 'b/data/services/api/key.pem', 'server/data/ca/root.key', 'server/data/operator.token']) {
       assert.equal((await stat(join(dir, f))).mode & 0o777, 0o600, f);
     }
+  });
+
+  test('many application connections share one HBONE tunnel: one TLS handshake per key, not one per connection', async () => {
+    await until('web reaches api', async () => (await callApi()).result === 'ok', 20_000, 100);
+    const before = await counter('a', 'knit_hbone_dials_total', 'result="ok"');
+    for (let i = 0; i < 50; i++) assert.equal((await callApi()).result, 'ok');
+    const parallel = await Promise.all(Array.from({ length: 80 }, () => callApi()));
+    assert.ok(parallel.every((r) => r.result === 'ok'));
+    assert.equal(await counter('a', 'knit_hbone_dials_total', 'result="ok"'), before, '130 application connections, no new handshake');
+    const flows = JSON.parse(await fleet.admin('a', '/v1/flows')) as { tunnels: Array<{ key: { destination: string }; carried: number }> };
+    const api = flows.tunnels.filter((t) => t.key.destination.endsWith('/svc/api'));
+    assert.equal(api.length, 1, 'one tunnel to api');
+    assert.ok(api[0]!.carried >= 130, `${api[0]!.carried} streams carried`);
+  });
+
+  test('a burst of 500 simultaneous connections to a cold key dials one tunnel at a time, at most one per 100 streams', async (t) => {
+    const before = await counter('a', 'knit_hbone_dials_total', 'result="ok"');
+    const burst = await Promise.all(Array.from({ length: 500 }, () => callApi(undefined, 9192)));
+    const failed = burst.filter((r) => r.result !== 'ok').length;
+    const dials = (await counter('a', 'knit_hbone_dials_total', 'result="ok"')) - before;
+    t.diagnostic(`500 simultaneous connections to admin (a cold key): ${dials} dial(s), ${failed} failed`);
+    assert.equal(failed, 0);
+    assert.ok(dials >= 1 && dials <= 5, `${dials} dials`);
+  });
+
+  test('an intention change closes the denied streams at once while allowed streams between the same two agents keep flowing', async () => {
+    const keepApi = new http.Agent({ keepAlive: true, maxSockets: 3 });
+    const keepAdmin = new http.Agent({ keepAlive: true, maxSockets: 3 });
+    await Promise.all([0, 1, 2].map(() => callApi(keepApi)));
+    await Promise.all([0, 1, 2].map(() => callApi(keepAdmin, 9192)));
+    const adminSockets = Object.values(keepAdmin.freeSockets).flat();
+    assert.ok(adminSockets.length >= 1);
+    const closed = adminSockets.map((s) => new Promise((r) => s!.once('close', r)));
+    for (const s of adminSockets) s!.on('error', () => undefined);
+    assert.equal((await knit(['intention', 'deny', 'web', 'admin'], cliEnv)).code, 0);
+    await Promise.all(closed);
+    assert.ok((await counter('b', 'knit_inbound_closed_by_policy_total', 'rule="intention web -> admin \\(deny\\)"')) >= adminSockets.length);
+    const apiSockets = Object.values(keepApi.freeSockets).flat();
+    assert.ok(apiSockets.length >= 1, 'the api connections are still open');
+    assert.equal((await callApi(keepApi)).result, 'ok', 'and still carry requests');
+    assert.equal((await callApi(undefined, 9192)).result, 'failed');
+    keepApi.destroy();
+    keepAdmin.destroy();
+    assert.equal((await knit(['intention', 'allow', 'web', 'admin'], cliEnv)).code, 0);
+  });
+
+  test('a stream whose :authority names a service other than the one the tunnel proved is refused (421)', async () => {
+    const td = (await agentState('a') as unknown as { trustDomain: string }).trustDomain;
+    const web = join(dir, 'a', 'data', 'services', 'web');
+    const ask = async (authority: string) => JSON.parse((await net.run('a', [process.execPath, join(ROOT, 'test/helpers/hbone-client.mjs'), net.hosts.b!.address, '15008', 'api', 'default', td, authority, join(web, 'cert.pem'), join(web, 'key.pem'), join(web, 'roots.pem')])).stdout) as { status?: number; reason?: string; error?: string };
+    const wrong = await ask(`${net.hosts.b!.address}:9002`);
+    assert.equal(wrong.status, 421, JSON.stringify(wrong));
+    assert.match(wrong.reason ?? '', /names admin, not api/);
+    assert.equal((await ask(`${net.hosts.b!.address}:9001`)).status, 200, 'the service the tunnel proved is served');
   });
 
   test('a join token is single use: a second enrolment with it is refused with the reason', async () => {
@@ -140,6 +213,7 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
   });
 
   test('kill -9 of B\'s agent: api leaves A\'s endpoints within the session timeout, A fails fast, restart restores', async (t) => {
+    const dialsBefore = await counter('a', 'knit_hbone_dials_total', 'result="ok"');
     const killedAt = Date.now();
     agents.b.proc!.kill('SIGKILL');
     // A never hangs: every call ends quickly, first refused, then reset for lack of endpoints.
@@ -160,6 +234,9 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     await startAgent('b');
     await until('route restored', async () => (await callApi()).result === 'ok', 20_000, 20);
     t.diagnostic(`B's agent restart (process start, identity, registration, leaf, first health check) to routable from A: ${Date.now() - restartedAt} ms`);
+    // The killed agent's tunnels were dropped, and new ones dialled to its successor.
+    assert.ok((await counter('a', 'knit_hbone_tunnels_total', 'event="close"')) >= 1, 'the broken tunnel left the pool');
+    assert.ok((await counter('a', 'knit_hbone_dials_total', 'result="ok"')) > dialsBefore, 'a new tunnel to the restarted agent');
     assert.doesNotMatch(agents.b.out.slice(mark), /enrolled with the join token/);
     assert.match(agents.b.out.slice(mark), /identity loaded/);
   });
@@ -176,7 +253,7 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     const back = Date.now();
     await until('route back after re-registration', async () => (await callApi()).result === 'ok', 60_000, 100);
     t.diagnostic(`after reconnection, B re-registered and A routed to it again in ${Date.now() - back} ms`);
-    assert.match(agents.b.out.slice(mark), /session expired or lost; re-registering 1 instance/);
+    assert.match(agents.b.out.slice(mark), /session expired or lost; re-registering \d+ instance/);
   });
 
   test('SIGTERM on B\'s agent deregisters at once, serves open connections through the drain, then exits 0', async (t) => {

@@ -97,7 +97,7 @@ describe('trust: the control plane decides identity; agents, registry writers an
   });
 
   test('a service the node is not allowed to run waits and says why; granting it starts it without a restart', async () => {
-    await writeFile(join(fleet.home('b'), 'services', 'db.json'), JSON.stringify({ service: { name: 'db', port: 9001 } }));
+    await writeFile(join(fleet.home('b'), 'services', 'db.json'), JSON.stringify({ service: { name: 'db', port: 9003 } }));
     fleet.agents.b!.proc!.kill('SIGHUP');
     await until('db waiting', async () => /service db is not allowed on node host-b/.test((await fleet.state('b')).services.find((s) => s.name === 'db')?.waiting ?? ''), 10_000, 100);
     const check = await net.run('b', [process.execPath, KNIT, 'check']);

@@ -20,6 +20,11 @@ export function agentRoutes(agent: Agent, registry: Registry, metrics: Metrics):
     { method: 'GET', path: '/metrics', handler: () => ({ text: metrics.render() }) },
     { method: 'GET', path: '/v1/state', handler: () => ({ json: agent.state() }) },
     {
+      method: 'GET',
+      path: '/v1/flows',
+      handler: () => ({ json: { node: agent.state().node, flows: agent.proxy.flows.list().map((f) => f.view()), tunnels: agent.proxy.tunnels() } }),
+    },
+    {
       method: 'PUT',
       path: '/v1/agent/check/:kind/:id',
       handler: (req) => {

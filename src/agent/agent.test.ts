@@ -51,7 +51,7 @@ before(async () => {
   const store = await EmbeddedStore.open(join(dir, 'data'));
   cp = await ControlPlane.open({ dataDir: join(dir, 'data'), registry: store.client(), name: 'cp', initialDefault: 'allow', log: silentLogger() });
   agent = new Agent({
-    node: 'n1', trustDomain: cp.trustDomain, servicesDir: services, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1', inboundPortBase: 0,
+    node: 'n1', trustDomain: cp.trustDomain, servicesDir: services, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1', hbonePort: 0,
     registry: store.client(), signer: cp.localSigner(), log: silentLogger(), metrics: new Metrics(),
     trust: () => ({ roots: cp.trustBundle(), trustDomain: cp.trustDomain }),
   });
@@ -107,10 +107,10 @@ test('a service whose certificate is refused waits, the others run, and it start
   await (await import('node:fs/promises')).mkdir(services);
   const dbPort = await freePort();
   await writeFile(join(services, 'db.json'), JSON.stringify({ service: { name: 'db', port: dbPort } }));
-  await writeFile(join(services, 'cache.json'), JSON.stringify({ service: { name: 'cache', port: dbPort } }));
+  await writeFile(join(services, 'cache.json'), JSON.stringify({ service: { name: 'cache', port: await freePort() } }));
   const store = await EmbeddedStore.open();
   const a = new Agent({
-    node: 'n3', trustDomain: cp.trustDomain, servicesDir: services, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1', inboundPortBase: 0,
+    node: 'n3', trustDomain: cp.trustDomain, servicesDir: services, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1', hbonePort: 0,
     registry: store.client(), log: silentLogger(), metrics: new Metrics(), identityRetryMaxMs: 200,
     signer: {
       signService: async (svc, csr) => {

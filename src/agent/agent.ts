@@ -32,6 +32,8 @@ import type { DocumentTrust } from '../identity/signed-doc.js';
 import type { HealthStatus, Instance, Registry, Watch } from '../registry/registry.js';
 import type { CertSigner } from '../identity/leaf.js';
 import { ConnectionLimit, DEFAULT_MAX_HOST_CONNECTIONS, type TcpOptions } from '../proxy/limits.js';
+import { NodeProxy } from '../proxy/node-proxy.js';
+import { DEFAULT_HBONE_PORT } from '../proxy/hbone/wire.js';
 import { RateLimitedLog } from '../log/ratelimit.js';
 import { onlyRegistrationDiffers, sameDefinition, ServiceRuntime, type ServiceContext, type ServiceState } from './service.js';
 
@@ -44,10 +46,13 @@ export interface AgentOptions {
   servicesDir: string;
   /** Address peers dial (registered). */
   advertiseAddress: string;
-  /** Address the mesh inbound listeners bind. */
+  /** Address the HBONE listener binds. */
   bindAddress: string;
-  /** First mesh inbound port; 0 for ephemeral ports. */
-  inboundPortBase: number;
+  /** The HBONE port (15008 by default; 0 for any free port). */
+  hbonePort?: number;
+  /** HBONE streams per tunnel, and how long an idle tunnel is kept. */
+  maxStreamsPerTunnel?: number;
+  tunnelIdleMs?: number;
   registry: Registry;
   signer: CertSigner;
   /** Where service leaves are kept across restarts; in memory only when absent. */
@@ -95,21 +100,22 @@ export class Agent {
   private readonly watches: Watch[] = [];
   private reloading: Promise<ReloadResult> | undefined;
   private readonly kv: SignedKv;
-  /** Mesh ports held or being bound by this agent's services. */
-  private readonly reserved = new Set<number>();
   /** Runtimes whose start is in flight (a stop cancels them). */
   private readonly starting = new Set<ServiceRuntime>();
   private stopping = false;
   private antiEntropy: NodeJS.Timeout | undefined;
 
-  /** Every proxy of this host counts against one cap, and logs through one rate limit. */
-  private readonly hostLimit: ConnectionLimit;
-  private readonly logLimit: RateLimitedLog;
+  /** The host's node proxy: every mesh connection of every service here. */
+  readonly proxy: NodeProxy;
 
   constructor(private readonly o: AgentOptions) {
     this.kv = new SignedKv({ registry: o.registry, trust: o.trust });
-    this.hostLimit = new ConnectionLimit('host', o.maxConnectionsPerHost ?? DEFAULT_MAX_HOST_CONNECTIONS);
-    this.logLimit = new RateLimitedLog(o.log);
+    this.proxy = new NodeProxy({
+      node: o.node, trustDomain: o.trustDomain, namespace: o.namespace, listenHost: o.bindAddress, hbonePort: o.hbonePort ?? DEFAULT_HBONE_PORT,
+      advertise: o.advertiseAddress, policy: () => this.evaluator, log: o.log, metrics: o.metrics, tcp: o.tcp,
+      hostLimit: new ConnectionLimit('host', o.maxConnectionsPerHost ?? DEFAULT_MAX_HOST_CONNECTIONS), logLimit: new RateLimitedLog(o.log),
+      maxStreams: o.maxStreamsPerTunnel, tunnelIdleMs: o.tunnelIdleMs,
+    });
   }
 
   /**
@@ -139,7 +145,7 @@ export class Agent {
           this.evaluator = applied?.evaluator;
           const set = applied?.evaluator.set;
           this.o.log.info({ event: EVENTS.intentionsChanged, default: set?.defaultAction, count: set?.intentions.length ?? 0, seq: applied?.seq, signer: applied?.signer }, 'intentions updated');
-          for (const r of this.runtimes.values()) r.reauthorize();
+          this.proxy.reauthorize();
           resolve();
         },
         (err) => {
@@ -176,6 +182,7 @@ export class Agent {
       }));
     }
     await Promise.all(first);
+    await this.proxy.start();
     await this.apply(services);
     this.antiEntropy = setInterval(() => this.resync(), this.o.antiEntropyMs ?? 60_000);
     this.antiEntropy.unref();
@@ -193,45 +200,26 @@ export class Agent {
 
   /** The service context every runtime shares. */
   private context(): ServiceContext {
-    return { ...this.o, policy: () => this.evaluator, routable: this.routable, hostLimit: this.hostLimit, logLimit: this.logLimit };
+    return { ...this.o, proxy: this.proxy, policy: () => this.evaluator, routable: this.routable };
   }
 
-  /**
-   * Starts one service; an automatic mesh port walks on from the base past
-   * ports other software holds. Ports are reserved before any await, so
-   * services can start concurrently. A stop of the agent while it starts
-   * cancels it.
-   */
+  /** Starts one service; a stop of the agent while it starts cancels it. */
   private async startOne(def: ServiceDefinition): Promise<ServiceRuntime> {
-    const auto = def.meshPort === undefined && this.o.inboundPortBase > 0;
-    let port = def.meshPort ?? (auto ? this.o.inboundPortBase : 0);
-    // Bounded so a host with every port taken fails with a clear error instead of spinning.
-    for (let tries = 0; ; tries++) {
-      while (auto && this.reserved.has(port)) port++;
-      if (auto) this.reserved.add(port);
-      const r = new ServiceRuntime(def, this.context());
-      this.starting.add(r);
-      try {
-        await r.start(port);
-        if (this.stopping) throw new KnitError('KNIT_ERR_CLOSED', 'the agent is stopping');
-        this.reserved.add(r.meshPort);
-        return r;
-      } catch (e) {
-        await r.stop(0);
-        const inUse = auto && r.meshPort === 0 && e instanceof KnitError && e.code === 'KNIT_ERR_LISTEN' && /EADDRINUSE/.test(e.message);
-        if (!inUse || tries >= 100) {
-          if (auto) this.reserved.delete(port);
-          throw e;
-        }
-        // Someone else holds it: keep it reserved so no other service tries it, and walk on.
-      } finally {
-        this.starting.delete(r);
-      }
+    const r = new ServiceRuntime(def, this.context());
+    this.starting.add(r);
+    try {
+      await r.start();
+      if (this.stopping) throw new KnitError('KNIT_ERR_CLOSED', 'the agent is stopping');
+      return r;
+    } catch (e) {
+      await r.stop(0);
+      throw e;
+    } finally {
+      this.starting.delete(r);
     }
   }
 
   private async stopOne(r: ServiceRuntime, drainMs = 0): Promise<void> {
-    this.reserved.delete(r.meshPort);
     await r.stop(drainMs);
   }
 
@@ -243,6 +231,14 @@ export class Agent {
    * rejects. Then removed services stop and tag/meta changes re-register.
    */
   private async apply(next: ServiceDefinition[]): Promise<Omit<ReloadResult, 'ok' | 'problems'>> {
+    // A mesh stream names its destination by port: two services of one host cannot share one.
+    const byPort = new Map<number, ServiceDefinition>();
+    for (const d of next) {
+      const port = d.port ?? d.localServicePort ?? 0;
+      const other = port ? byPort.get(port) : undefined;
+      if (other) throw new KnitError('KNIT_ERR_CONFIG', `services ${other.id} (${other.file}) and ${d.id} (${d.file}) both register port ${port} on this host; a mesh connection names its destination by port, so each needs its own`);
+      if (port) byPort.set(port, d);
+    }
     const want = new Map(next.map((d) => [d.id, d]));
     const out = { started: [] as string[], stopped: [] as string[], restarted: [] as string[], updated: [] as string[] };
     const toStart = next.filter((d) => !this.runtimes.has(d.id));
@@ -340,8 +336,8 @@ export class Agent {
     throw new KnitError('KNIT_ERR_NOT_FOUND', `no check ${checkId} on this agent`);
   }
 
-  state(): { node: string; trustDomain: string; services: ServiceState[] } {
-    return { node: this.o.node, trustDomain: this.o.trustDomain, services: [...this.runtimes.values()].map((r) => r.state()) };
+  state(): { node: string; trustDomain: string; hbonePort: number; services: ServiceState[] } {
+    return { node: this.o.node, trustDomain: this.o.trustDomain, hbonePort: this.proxy.hbonePort, services: [...this.runtimes.values()].map((r) => r.state()) };
   }
 
   /** Re-asserts every instance in the registry (after a session re-creation; periodically as anti-entropy). */
@@ -356,5 +352,6 @@ export class Agent {
     for (const w of this.watches) w.close();
     await Promise.all([...[...this.starting].map((r) => r.stop(0)), ...[...this.runtimes.values()].map((r) => r.stop(drainMs))]);
     this.runtimes.clear();
+    await this.proxy.close(drainMs);
   }
 }

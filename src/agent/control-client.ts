@@ -11,16 +11,19 @@
  * checked against it (signature, validity, URI SAN). Roots a server merely
  * lists are never added; certificates it returns later are chain-checked
  * against the pinned bundle before they are stored or used.
+ *
+ * HTTPS with node:https rather than an HTTP client library: an agent makes
+ * a few requests a day, and undici would cost it ~20 MB of memory to load.
  */
 import { sign as cryptoSign, X509Certificate } from 'node:crypto';
+import https from 'node:https';
 import type { PeerCertificate } from 'node:tls';
-import { Agent as Dispatcher, request } from 'undici';
 import { KnitError } from '../errors.js';
 import { agentId, type SpiffeId } from '../identity/spiffe.js';
 import { certInfo, certInfoFromDer, splitPem } from '../identity/x509.js';
-import { createCsr, validateLeaf, type SignedLeaf } from '../identity/ca.js';
+import { createCsr, validateLeaf, type SignedLeaf } from '../identity/csr.js';
 import { verifyChain } from '../identity/chain.js';
-import type { ServiceTls } from '../proxy/tls.js';
+import type { ServiceTls } from '../identity/tls.js';
 import type { CertSigner } from '../identity/leaf.js';
 import { caHash, parseJoinToken, rejoinProofInput } from '../identity/enrolment.js';
 
@@ -51,17 +54,115 @@ interface Signed {
   registryAuth?: string;
 }
 
-/** POSTs JSON; maps transport failures to KNIT_ERR_SERVER_UNAVAILABLE and error answers to their code. */
-async function post<T>(server: string, path: string, body: unknown, dispatcher: Dispatcher): Promise<T> {
-  let res;
-  try {
-    res = await request(`${server}${path}`, {
-      method: 'POST',
-      body: JSON.stringify(body),
-      headers: { 'content-type': 'application/json' },
-      dispatcher,
-      signal: AbortSignal.timeout(15_000),
+/** How long one exchange with the control plane may take, connection and answer included. */
+const TIMEOUT_MS = 15_000;
+/** The most of an answer read: a certificate chain or a list of roots is a few kB; a server sending more is not the control plane. */
+const MAX_ANSWER_BYTES = 1024 * 1024;
+
+/**
+ * Connections to the control plane for one set of TLS material: an
+ * https.Agent (keep-alive: renewal and the signing of a node's service
+ * leaves come in bursts) and the exchanges using it, so that retiring it
+ * lets those finish before its sockets are destroyed.
+ */
+class Connection {
+  readonly agent: https.Agent;
+  private active = 0;
+  private retired = false;
+
+  constructor(tlsOptions: https.AgentOptions) {
+    // keepAlive frees idle sockets unref'd, so an idle connection never holds the process open.
+    this.agent = new https.Agent({ keepAlive: true, ...tlsOptions });
+  }
+
+  /** Runs `fn` as one exchange on this connection. */
+  async use<T>(fn: (agent: https.Agent) => Promise<T>): Promise<T> {
+    this.active++;
+    try {
+      return await fn(this.agent);
+    } finally {
+      this.active--;
+      if (this.retired && this.active === 0) this.agent.destroy();
+    }
+  }
+
+  /** Closes the sockets once the exchanges in flight are done (at once when none are); one started later closes them again when it ends. */
+  retire(): void {
+    this.retired = true;
+    if (this.active === 0) this.agent.destroy();
+  }
+}
+
+/** An HTTP answer, read whole. */
+interface Answer {
+  status: number;
+  body: Buffer;
+}
+
+/**
+ * One HTTPS exchange: sends `body` (if any), reads the whole answer, all
+ * within TIMEOUT_MS. Rejects with the socket's or TLS's own error (its
+ * `code` is what `post` classifies), or ETIMEDOUT.
+ */
+function exchange(url: string, method: 'GET' | 'POST', agent: https.Agent, body?: string): Promise<Answer> {
+  return new Promise<Answer>((resolve, reject) => {
+    const headers: Record<string, string | number> = { accept: 'application/json' };
+    if (body !== undefined) Object.assign(headers, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+    let settled = false;
+    const finish = (err: Error | undefined, answer?: Answer): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      if (err) reject(err);
+      else resolve(answer!);
+    };
+    let req: ReturnType<typeof https.request>;
+    try {
+      req = https.request(url, { method, agent, headers });
+    } catch (e) {
+      // A URL https cannot use; config validation (https:// only) makes this unlikely.
+      reject(e instanceof Error ? e : new Error(String(e)));
+      return;
+    }
+    /** Ends the exchange with `err` (ours, not the 'aborted' the destroyed socket would report). */
+    const abort = (err: Error): void => {
+      finish(err);
+      req.destroy(err);
+    };
+    const timer = setTimeout(() => abort(Object.assign(new Error(`no answer within ${TIMEOUT_MS / 1000} s`), { code: 'ETIMEDOUT' })), TIMEOUT_MS);
+    // `on`, not `once`: a destroyed request may report more than one error, and an unheard one would crash the process.
+    req.on('error', (e) => finish(e));
+    req.once('response', (res) => {
+      const chunks: Buffer[] = [];
+      let size = 0;
+      res.on('data', (c: Buffer) => {
+        size += c.length;
+        if (size > MAX_ANSWER_BYTES) abort(Object.assign(new Error(`answer larger than ${MAX_ANSWER_BYTES} bytes`), { code: 'KNIT_ANSWER_TOO_LARGE' }));
+        else chunks.push(c);
+      });
+      res.on('error', (e) => finish(e));
+      res.once('end', () => finish(undefined, { status: res.statusCode ?? 0, body: Buffer.concat(chunks) }));
+      res.once('close', () => finish(Object.assign(new Error('connection closed before the answer was complete'), { code: 'ECONNRESET' })));
     });
+    req.end(body);
+  });
+}
+
+/** Reads an answer as JSON; anything else reads as `{}`, which the callers refuse for what it lacks. */
+function json<T>(a: Answer): T {
+  try {
+    const v: unknown = JSON.parse(a.body.toString('utf8'));
+    return (typeof v === 'object' && v !== null ? v : {}) as T;
+  } catch {
+    return {} as T;
+  }
+}
+
+/** POSTs JSON; maps transport failures to KNIT_ERR_SERVER_UNAVAILABLE and error answers to their code. */
+async function post<T>(server: string, path: string, body: unknown, agent: https.Agent): Promise<T> {
+  let res: Answer;
+  try {
+    res = await exchange(`${server}${path}`, 'POST', agent, JSON.stringify(body));
   } catch (e) {
     const raw = (e as { code?: unknown }).code ?? (e as { cause?: { code?: unknown } }).cause?.code;
     const code = typeof raw === 'string' ? raw : '';
@@ -71,12 +172,12 @@ async function post<T>(server: string, path: string, body: unknown, dispatcher: 
     }
     throw new KnitError('KNIT_ERR_SERVER_UNAVAILABLE', `control plane ${server} unreachable: ${(e as Error).message}`, { cause: e });
   }
-  const json = (await res.body.json().catch(() => ({}))) as T & { error?: string; code?: string };
-  if (res.statusCode >= 400) {
-    const code = json.code === 'KNIT_ERR_UNAUTHORIZED' || json.code === 'KNIT_ERR_BAD_REQUEST' || json.code === 'KNIT_ERR_CA' ? json.code : 'KNIT_ERR_SERVER_UNAVAILABLE';
-    throw new KnitError(code, `control plane ${path}: ${json.error ?? `HTTP ${res.statusCode}`}`);
+  const answer = json<T & { error?: string; code?: string }>(res);
+  if (res.status >= 400) {
+    const code = answer.code === 'KNIT_ERR_UNAUTHORIZED' || answer.code === 'KNIT_ERR_BAD_REQUEST' || answer.code === 'KNIT_ERR_CA' ? answer.code : 'KNIT_ERR_SERVER_UNAVAILABLE';
+    throw new KnitError(code, `control plane ${path}: ${answer.error ?? `HTTP ${res.status}`}`);
   }
-  return json;
+  return answer;
 }
 
 /** Checks a leaf the control plane returned against the pinned roots and the identity asked for. */
@@ -95,15 +196,15 @@ const material = (leaf: SignedLeaf, keyPem: string, roots: string[]): ServiceTls
  * one whose hash the join token carries; the trust domain is that root's.
  */
 async function pinnedRoot(server: string, expectedHash: string): Promise<{ root: string; trustDomain: string }> {
-  const insecure = new Dispatcher({ connect: { rejectUnauthorized: false } });
+  // Not trusted yet, so not verified: what it answers is only kept if the token's hash matches.
+  const insecure = new https.Agent({ rejectUnauthorized: false });
   let got: { roots?: unknown };
   try {
-    const res = await request(`${server}/v1/ca/roots`, { dispatcher: insecure, signal: AbortSignal.timeout(15_000) });
-    got = (await res.body.json()) as { roots?: unknown };
+    got = json<{ roots?: unknown }>(await exchange(`${server}/v1/ca/roots`, 'GET', insecure));
   } catch (e) {
     throw new KnitError('KNIT_ERR_SERVER_UNAVAILABLE', `control plane ${server} unreachable: ${(e as Error).message}`, { cause: e });
   } finally {
-    await insecure.close();
+    insecure.destroy();
   }
   const roots = Array.isArray(got.roots) ? got.roots.filter((r): r is string => typeof r === 'string') : [];
   const root = roots.find((r) => {
@@ -133,24 +234,26 @@ export async function enrol(server: string, token: string, node: string): Promis
   const roots = [root];
   const id = agentId(trustDomain, node);
   const { keyPem, csrPem } = await createCsr(id);
-  const d = new Dispatcher({ connect: { ca: roots, checkServerIdentity: checkServer(trustDomain) } });
+  const conn = new Connection({ ca: roots, checkServerIdentity: checkServer(trustDomain) });
   try {
-    const s = await post<Signed>(server, '/v1/agent/enrol', { token: token.trim(), csr: csrPem }, d);
+    const s = await conn.use((agent) => post<Signed>(server, '/v1/agent/enrol', { token: token.trim(), csr: csrPem }, agent));
     return { tls: material(checkLeaf(s, id, roots), keyPem, roots), trustDomain, registryAuth: s.registryAuth };
   } finally {
-    await d.close();
+    conn.retire();
   }
 }
 
 /** Asks for a nonce and sends the rejoin proof for `csrPem`, signed with `current`'s key. */
 async function rejoinWith(server: string, current: ServiceTls, trustDomain: string, node: string, csrPem: string): Promise<Signed> {
-  const d = new Dispatcher({ connect: { ca: current.trustBundlePem, checkServerIdentity: checkServer(trustDomain) } });
+  const conn = new Connection({ ca: current.trustBundlePem, checkServerIdentity: checkServer(trustDomain) });
   try {
-    const { nonce } = await post<{ nonce: string }>(server, '/v1/agent/challenge', {}, d);
-    const proof = cryptoSign('sha256', rejoinProofInput(trustDomain, node, nonce, csrPem), { key: current.keyPem, dsaEncoding: 'ieee-p1363' }).toString('base64');
-    return await post<Signed>(server, '/v1/agent/rejoin', { node, nonce, csr: csrPem, proof }, d);
+    return await conn.use(async (agent) => {
+      const { nonce } = await post<{ nonce: string }>(server, '/v1/agent/challenge', {}, agent);
+      const proof = cryptoSign('sha256', rejoinProofInput(trustDomain, node, nonce, csrPem), { key: current.keyPem, dsaEncoding: 'ieee-p1363' }).toString('base64');
+      return await post<Signed>(server, '/v1/agent/rejoin', { node, nonce, csr: csrPem, proof }, agent);
+    });
   } finally {
-    await d.close();
+    conn.retire();
   }
 }
 
@@ -170,7 +273,7 @@ export async function rejoin(server: string, current: ServiceTls, trustDomain: s
 
 /** A client authenticated with the agent's own certificate. */
 export class ControlClient implements CertSigner {
-  private dispatcher: Dispatcher;
+  private conn: Connection;
   private identity: ServiceTls;
 
   constructor(
@@ -182,19 +285,19 @@ export class ControlClient implements CertSigner {
     private readonly onRegistryAuth: (auth: string) => void = () => undefined,
   ) {
     this.identity = identity;
-    this.dispatcher = this.make(identity);
+    this.conn = this.make(identity);
   }
 
-  private make(t: ServiceTls): Dispatcher {
-    return new Dispatcher({ connect: { ca: t.trustBundlePem, cert: t.certChainPem, key: t.keyPem, checkServerIdentity: checkServer(this.trustDomain) } });
+  private make(t: ServiceTls): Connection {
+    return new Connection({ ca: t.trustBundlePem, cert: t.certChainPem, key: t.keyPem, checkServerIdentity: checkServer(this.trustDomain) });
   }
 
-  /** Switches to renewed agent material; requests in flight finish on the old connection. */
+  /** Switches to renewed agent material; requests in flight finish on the old connection, which then closes. */
   setIdentity(t: ServiceTls): void {
-    const old = this.dispatcher;
+    const old = this.conn;
     this.identity = t;
-    this.dispatcher = this.make(t);
-    void old.close();
+    this.conn = this.make(t);
+    old.retire();
   }
 
   private expired(): boolean {
@@ -214,13 +317,13 @@ export class ControlClient implements CertSigner {
       if (s.registryAuth) this.onRegistryAuth(s.registryAuth);
       return checkLeaf(s, id, this.identity.trustBundlePem);
     }
-    const s = await post<Signed>(this.server, '/v1/agent/renew', { csr: csrPem }, this.dispatcher);
+    const s = await this.conn.use((agent) => post<Signed>(this.server, '/v1/agent/renew', { csr: csrPem }, agent));
     if (s.registryAuth) this.onRegistryAuth(s.registryAuth);
     return checkLeaf(s, id, this.identity.trustBundlePem);
   }
 
   async signService(service: string, csrPem: string): Promise<SignedLeaf> {
-    const s = await post<Signed>(this.server, '/v1/agent/sign', { service, csr: csrPem }, this.dispatcher);
+    const s = await this.conn.use((agent) => post<Signed>(this.server, '/v1/agent/sign', { service, csr: csrPem }, agent));
     const leaf = splitPem(s.cert ?? '')[0];
     const uri = leaf ? certInfo(leaf).uris[0] : undefined;
     if (!uri) throw new KnitError('KNIT_ERR_CERT', `control plane returned no certificate for ${service}`);
@@ -233,7 +336,8 @@ export class ControlClient implements CertSigner {
     return this.identity.trustBundlePem;
   }
 
+  /** Closes the connection once the exchanges in flight are done. */
   async close(): Promise<void> {
-    await this.dispatcher.close();
+    this.conn.retire();
   }
 }

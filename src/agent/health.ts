@@ -3,9 +3,16 @@
  * tcp (connect = passing) and ttl (passing until the TTL runs out without a
  * fresh report). A service's health is the worst of its checks; a service
  * without checks is passing.
+ *
+ * HTTP checks use node:http/node:https, one connection per probe, as
+ * Consul's do (its transport disables keep-alive): a probe then also
+ * exercises the service's accept path, no pooled socket races the
+ * server's idle timeout into a false critical, and an idle agent holds no
+ * sockets. (An HTTP client library would cost every agent ~20 MB.)
  */
+import http from 'node:http';
+import https from 'node:https';
 import net from 'node:net';
-import { request, Agent as UndiciAgent, type Dispatcher } from 'undici';
 import type { CheckDefinition } from '../config/services.js';
 import type { HealthStatus } from '../registry/registry.js';
 import { splitHostPort } from '../config/node-config.js';
@@ -30,25 +37,69 @@ export interface CheckResult {
   output: string;
 }
 
-/**
- * Runs an http check once. `insecure` is the dispatcher for a check with
- * `tls_skip_verify`: its owner (the CheckRunner) makes it once and closes it.
- */
-export async function runHttpCheck(c: CheckDefinition, insecure?: Dispatcher): Promise<CheckResult> {
-  try {
+/** How much of a check's answer is read before the connection is dropped: the status is all that counts. */
+const MAX_DRAIN_BYTES = 64 * 1024;
+
+/** One probe: resolves with the status code once the answer is read (or MAX_DRAIN_BYTES of it), rejects on error or timeout. */
+function probeHttp(c: CheckDefinition): Promise<number> {
+  return new Promise<number>((resolve, reject) => {
+    const url = new URL(c.target!);
+    const mod = url.protocol === 'https:' ? https : url.protocol === 'http:' ? http : undefined;
+    if (!mod) {
+      reject(new Error(`unsupported protocol ${url.protocol}`));
+      return;
+    }
     const headers: Record<string, string> = {};
     for (const [k, v] of Object.entries(c.headers ?? {})) headers[k] = v.join(', ');
-    const res = await request(c.target!, {
-      method: (c.method ?? 'GET'),
-      headers,
-      signal: AbortSignal.timeout(c.timeoutMs),
-      dispatcher: c.tlsSkipVerify ? insecure : undefined,
+    let settled = false;
+    const finish = (err: Error | undefined, status?: number): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      if (err) reject(err);
+      else resolve(status!);
+    };
+    let req: http.ClientRequest;
+    try {
+      // agent: false is a fresh connection, closed after the answer (see the module doc).
+      req = mod.request(url, { method: c.method ?? 'GET', headers, agent: false, ...(c.tlsSkipVerify ? { rejectUnauthorized: false } : {}) });
+    } catch (e) {
+      // An invalid header value or method: node refuses it before sending.
+      reject(e instanceof Error ? e : new Error(String(e)));
+      return;
+    }
+    const timer = setTimeout(() => {
+      finish(Object.assign(new Error(`timed out after ${c.timeoutMs} ms`), { name: 'TimeoutError' }));
+      req.destroy();
+    }, c.timeoutMs);
+    // `on`, not `once`: a destroyed request may report more than one error, and an unheard one would crash the process.
+    req.on('error', (e) => finish(e));
+    req.once('response', (res) => {
+      const status = res.statusCode ?? 0;
+      let size = 0;
+      res.on('data', (chunk: Buffer) => {
+        size += chunk.length;
+        if (size > MAX_DRAIN_BYTES) {
+          finish(undefined, status);
+          req.destroy();
+        }
+      });
+      res.on('error', () => finish(undefined, status));
+      res.once('end', () => finish(undefined, status));
+      // The status line and headers arrived whole: the answer counts even if the body is cut short.
+      res.once('close', () => finish(undefined, status));
     });
-    await res.body.dump();
-    return { status: httpStatusToHealth(res.statusCode), output: `HTTP ${c.method ?? 'GET'} ${c.target}: ${res.statusCode}` };
+    req.end();
+  });
+}
+
+/** Runs an http check once. */
+export async function runHttpCheck(c: CheckDefinition): Promise<CheckResult> {
+  try {
+    const status = await probeHttp(c);
+    return { status: httpStatusToHealth(status), output: `HTTP ${c.method ?? 'GET'} ${c.target}: ${status}` };
   } catch (e) {
-    const why = (e as Error).name === 'TimeoutError' ? `timed out after ${c.timeoutMs} ms` : (e as Error).message;
-    return { status: 'critical', output: `HTTP ${c.method ?? 'GET'} ${c.target}: ${why}` };
+    return { status: 'critical', output: `HTTP ${c.method ?? 'GET'} ${c.target}: ${(e as Error).message}` };
   }
 }
 
@@ -74,15 +125,12 @@ export class CheckRunner {
   private state: CheckResult;
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
-  /** Only for `tls_skip_verify` checks; never shared between checks. */
-  private readonly insecure: UndiciAgent | undefined;
 
   constructor(
     readonly def: CheckDefinition,
     private readonly onChange: (r: CheckResult) => void,
   ) {
     this.state = { status: def.initialStatus, output: 'not yet run' };
-    this.insecure = def.kind === 'http' && def.tlsSkipVerify ? new UndiciAgent({ connect: { rejectUnauthorized: false } }) : undefined;
   }
 
   get result(): CheckResult {
@@ -106,7 +154,7 @@ export class CheckRunner {
 
   private async probe(): Promise<void> {
     if (this.stopped) return;
-    const r = this.def.kind === 'http' ? await runHttpCheck(this.def, this.insecure) : await runTcpCheck(this.def);
+    const r = this.def.kind === 'http' ? await runHttpCheck(this.def) : await runTcpCheck(this.def);
     this.set(r);
     if (!this.stopped) this.timer = setTimeout(() => void this.probe(), this.def.intervalMs);
   }
@@ -126,6 +174,5 @@ export class CheckRunner {
   stop(): void {
     this.stopped = true;
     clearTimeout(this.timer);
-    void this.insecure?.close();
   }
 }

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { WRITE_STEPS, agentDir, loadStored, readAgentIdentity, readRegistryAuth, readStored, writeAgentIdentity, writeRegistryAuth, writeStored, type StoredResult } from './identity-store.js';
 import { agentId } from '../identity/spiffe.js';
 import { createCsr } from '../identity/ca.js';
-import type { ServiceTls } from '../proxy/tls.js';
+import type { ServiceTls } from '../identity/tls.js';
 import { makePki, type TestPki } from '../../test/helpers/pki.js';
 import { ROOT } from '../../test/helpers/knit.js';
 import { until } from '../../test/helpers/wait.js';

@@ -30,7 +30,7 @@ import { lstat, mkdir, open, readFile, readdir, readlink, rename, rm, symlink } 
 import { join } from 'node:path';
 import { writeFileAtomic } from '../files.js';
 import { certInfo, splitPem, type CertInfo } from '../identity/x509.js';
-import type { ServiceTls } from '../proxy/tls.js';
+import type { ServiceTls } from '../identity/tls.js';
 
 /** Where the agent's own identity is kept. */
 export const agentDir = (dataDir: string): string => join(dataDir, 'agent');

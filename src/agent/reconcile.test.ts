@@ -54,7 +54,7 @@ async function agentWith(name: string, files: Record<string, unknown>, opts: { s
   for (const [f, v] of Object.entries(files)) await writeFile(join(services, f), JSON.stringify(v));
   const registry = faulty(store.client());
   const agent = new Agent({
-    node: name, trustDomain: cp.trustDomain, servicesDir: services, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1', inboundPortBase: 0,
+    node: name, trustDomain: cp.trustDomain, servicesDir: services, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1', hbonePort: 0,
     registry, signer: opts.signer ?? cp.localSigner(), log: silentLogger(), metrics: new Metrics(), publishRetryMaxMs: 100, antiEntropyMs: opts.antiEntropyMs,
     trust: () => ({ roots: cp.trustBundle(), trustDomain: cp.trustDomain }),
   });
@@ -105,15 +105,15 @@ test('a reload whose start fails (port taken) changes nothing and says why', asy
   const { agent, services, start } = await agentWith('n-reload', { 'api.json': api(), 'web.json': web });
   await start();
   await until('both run', () => agent.state().services.every((s) => s.published === 'passing'), 5000, 20);
-  const before = agent.state().services.map((s) => [s.name, s.meshPort]);
+  const before = JSON.stringify(agent.state().services.map((s) => [s.name, s.port, s.upstreams]));
   // One good change (web's upstream moves), one impossible start (jobs on a port held by someone else).
   const upPort2 = await freePort();
   await writeFile(join(services, 'web.json'), JSON.stringify({ service: { name: 'web', connect: { sidecar_service: { proxy: { upstreams: [{ destination_name: 'api', local_bind_port: upPort2 }] } } } } }));
-  await writeFile(join(services, 'jobs.json'), JSON.stringify({ service: { name: 'jobs', port: appPort, connect: { sidecar_service: { port: takenPort } } } }));
+  await writeFile(join(services, 'jobs.json'), JSON.stringify({ service: { name: 'jobs', connect: { sidecar_service: { proxy: { upstreams: [{ destination_name: 'api', local_bind_port: takenPort }] } } } } }));
   const r = await agent.reload();
   assert.equal(r.ok, false);
   assert.match(r.problems[0]!.message, new RegExp(`${takenPort}.*EADDRINUSE.*nothing changed`));
-  assert.deepEqual(agent.state().services.map((s) => [s.name, s.meshPort]), before, 'the previous services run as before');
+  assert.equal(JSON.stringify(agent.state().services.map((s) => [s.name, s.port, s.upstreams])), before, 'the previous services run as before');
   assert.equal(agent.state().services.find((s) => s.name === 'web')?.upstreams[0]?.local, `127.0.0.1:${upPort}`);
   assert.equal(await inRegistry('jobs'), undefined);
   // The good change applies once the bad file is fixed.
@@ -126,24 +126,30 @@ test('a reload whose start fails (port taken) changes nothing and says why', asy
 
 test('a tag or meta change re-registers without restarting listeners or resetting open connections', async () => {
   healthy = true;
-  const { agent, services, start } = await agentWith('n-tags', { 'api.json': api() });
+  const upPort = await freePort();
+  const web = { service: { name: 'web', connect: { sidecar_service: { proxy: { upstreams: [{ destination_name: 'api', local_bind_port: upPort }] } } } } };
+  const { agent, services, start } = await agentWith('n-tags', { 'api.json': api(), 'web.json': web });
   await start();
   await until('registered', async () => (await store.client().instances('api')).some((i) => i.node === 'n-tags'), 5000, 20);
-  const meshPort = agent.state().services[0]!.meshPort;
-  // An open (TLS-less, so refused later) TCP connection to the mesh port would be reset by a restart: a listener
-  // restart shows as a new port or a closed socket. Hold one open and watch it.
-  const sock = net.connect(meshPort, '127.0.0.1');
-  await once(sock, 'connect');
+  // An open connection web -> api through the mesh: a restart of either would reset it.
+  const keep = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  const get = () => new Promise<string>((resolve, reject) => http.get(`http://127.0.0.1:${upPort}/`, { agent: keep }, (res) => {
+    let b = '';
+    res.on('data', (c: Buffer) => (b += c.toString()));
+    res.on('end', () => resolve(b));
+  }).on('error', reject));
+  await until('web reaches api', async () => (await get().catch(() => '')) === 'ok', 5000, 20);
+  const sock = Object.values(keep.freeSockets)[0]?.[0];
+  assert.ok(sock, 'a kept-alive connection');
   let closed = false;
   sock.on('close', () => (closed = true));
-  sock.on('error', () => undefined);
   await writeFile(join(services, 'api.json'), JSON.stringify({ service: { ...api().service, tags: ['v2'], meta: { version: '2' } } }));
   const r = await agent.reload();
   assert.deepEqual([r.ok, r.updated, r.restarted], [true, ['api'], []]);
   await until('new tags in the registry', async () => (await store.client().instances('api')).find((i) => i.node === 'n-tags')?.tags[0] === 'v2', 5000, 20);
-  assert.equal(agent.state().services[0]!.meshPort, meshPort);
+  assert.equal(await get(), 'ok', 'the same connection still carries requests');
   assert.equal(closed, false, 'the open connection was not reset');
-  sock.destroy();
+  keep.destroy();
   await agent.stop();
 });
 
@@ -159,7 +165,7 @@ test('stopping the agent cancels a service still waiting for its certificate: no
     },
     trustBundle: () => local.trustBundle(),
   };
-  const { agent, start } = await agentWith('n-cancel', { 'api.json': api(), 'slow.json': { service: { name: 'slow', port: appPort } } }, { signer });
+  const { agent, start } = await agentWith('n-cancel', { 'api.json': api(), 'slow.json': { service: { name: 'slow', port: await freePort() } } }, { signer });
   const started = start();
   await until('api registered while slow still starts', async () => (await store.client().instances('api')).some((i) => i.node === 'n-cancel'), 5000, 20);
   const seen = new Recorder<Instance[]>();

@@ -1,10 +1,10 @@
 /**
- * One local service while it runs: its mesh listener, its leaf, its
- * registration, its health checks and its upstreams.
+ * One local service while it runs: its leaf, its registration, its
+ * health checks and its upstreams, carried by the host's node proxy.
  *
- *   start: bind the mesh port -> leaf (stored, or from the control plane;
- *          refused or unreachable: wait in the background and retry)
- *   run:   upstreams, health checks, registration
+ *   start: known to the node proxy -> leaf (stored, or from the control
+ *          plane; refused or unreachable: wait in the background and retry)
+ *   run:   certificate to the proxy, upstreams, health checks, registration
  *
  * What the registry should say (desired: the instance with the health its
  * checks give, or nothing while it waits, after it stopped, or after it was
@@ -21,12 +21,10 @@ import { KnitError } from '../errors.js';
 import { serviceId, type SpiffeId } from '../identity/spiffe.js';
 import { EVENTS, type Logger } from '../log/logger.js';
 import type { Metrics } from '../log/metrics.js';
-import type { Decision, Evaluator } from '../policy/intentions.js';
-import { InboundProxy } from '../proxy/inbound/inbound.js';
-import type { ServiceTls } from '../proxy/tls.js';
-import { OutboundProxy } from '../proxy/outbound/outbound.js';
-import type { ConnectionLimit, TcpOptions } from '../proxy/limits.js';
-import type { RateLimitedLog } from '../log/ratelimit.js';
+import type { Evaluator } from '../policy/intentions.js';
+import type { ServiceTls } from '../identity/tls.js';
+import type { NodeProxy } from '../proxy/node-proxy.js';
+import type { Upstream } from '../proxy/accept/upstream.js';
 import type { HealthStatus, Instance, Registry, Watch } from '../registry/registry.js';
 import { LeafManager, type CertSigner } from '../identity/leaf.js';
 import { CheckRunner, worst } from './health.js';
@@ -38,7 +36,8 @@ export interface ServiceContext {
   trustDomain: string;
   namespace?: string;
   advertiseAddress: string;
-  bindAddress: string;
+  /** The host's node proxy: it carries every mesh connection. */
+  proxy: NodeProxy;
   registry: Registry;
   signer: CertSigner;
   dataDir?: string;
@@ -52,12 +51,6 @@ export interface ServiceContext {
   identityRetryMaxMs?: number;
   /** Longest wait between two attempts to publish to the registry. */
   publishRetryMaxMs?: number;
-  /** Socket settings of every proxied connection. */
-  tcp?: Partial<TcpOptions>;
-  /** The host-wide connection cap every proxy of this agent counts against. */
-  hostLimit?: ConnectionLimit;
-  /** One rate-limited log for the whole data plane: a port scan cannot flood it. */
-  logLimit?: RateLimitedLog;
 }
 
 /** What the admin API shows of one service. */
@@ -67,7 +60,8 @@ export interface ServiceState {
   health: HealthStatus;
   /** What the registry was last told: `absent`, or the published health; `unknown` after a failed write. */
   published: HealthStatus | 'absent' | 'unknown';
-  meshPort: number;
+  /** The port it is registered with (a mesh stream's :authority names it); 0 for a client-only service. */
+  port: number;
   app?: string;
   certificateExpires?: string;
   /** Why the service is not running yet (waiting for its certificate), if it is not. */
@@ -78,9 +72,6 @@ export interface ServiceState {
   upstreams: Array<{ destination: string; local: string; endpoints: string[] }>;
   connections: number;
 }
-
-/** Fail closed until the first intentions arrive. */
-const NO_POLICY: Decision = { allow: false, reason: 'default', rule: 'default (deny: intentions not loaded yet)' };
 
 /** Fields of a definition that change only the registration, not listeners or connections. */
 const REGISTRATION_ONLY = ['tags', 'meta', 'file'] as const;
@@ -97,12 +88,10 @@ export function sameDefinition(a: ServiceDefinition, b: ServiceDefinition): bool
 }
 
 export class ServiceRuntime {
-  inbound?: InboundProxy;
-  readonly outbound: OutboundProxy[] = [];
+  readonly upstreams: Upstream[] = [];
   private readonly watches: Watch[] = [];
   readonly checks = new Map<string, CheckRunner>();
   private leaf?: LeafManager;
-  meshPort = 0;
   /** Desired health, from the checks. */
   health: HealthStatus = 'critical';
   /** Why the service waits for its certificate; undefined once it has one. */
@@ -123,16 +112,15 @@ export class ServiceRuntime {
   private criticalTimer: NodeJS.Timeout | undefined;
   private deregisteredCritical: string | undefined;
 
+  /** The port it is registered with: the one its definition names, else its application's. */
+  get port(): number {
+    return this.def.port ?? this.def.localServicePort ?? 0;
+  }
+
   constructor(public def: ServiceDefinition, private readonly a: ServiceContext) {
     this.instanceId = `${a.node}/${def.id}`;
     this.spiffe = serviceId(a.trustDomain, def.name, a.namespace);
   }
-
-  authorize = (source: SpiffeId): Decision => {
-    const ev = this.a.policy();
-    if (!ev) return NO_POLICY;
-    return ev.evaluate(source.what.kind === 'service' ? source.what.service : source.uri, this.def.name);
-  };
 
   private instance(): Instance {
     return {
@@ -140,7 +128,8 @@ export class ServiceRuntime {
       service: this.def.name,
       node: this.a.node,
       address: this.def.address ?? this.a.advertiseAddress,
-      port: this.meshPort,
+      port: this.port,
+      hbonePort: this.a.proxy.hbonePort,
       tags: this.def.tags,
       meta: this.def.meta,
       health: this.health,
@@ -154,16 +143,9 @@ export class ServiceRuntime {
    * service then waits in the background and starts when its leaf comes.
    * Rejects only on what no retry cures (a port taken, a bad leaf).
    */
-  async start(port: number): Promise<void> {
+  async start(): Promise<void> {
     const { def, a } = this;
-    if (def.localServicePort !== undefined) {
-      this.inbound = new InboundProxy({
-        service: def.name, trustDomain: a.trustDomain, namespace: a.namespace, listenHost: a.bindAddress, listenPort: port,
-        targetHost: def.localServiceAddress, targetPort: def.localServicePort, authorize: this.authorize, log: a.log, metrics: a.metrics,
-        hostLimit: a.hostLimit, logLimit: a.logLimit, tcp: a.tcp,
-      });
-      this.meshPort = await this.inbound.start();
-    }
+    a.proxy.setService(this.instanceId, { name: def.name, port: this.port, target: def.localServicePort !== undefined ? { host: def.localServiceAddress, port: def.localServicePort } : undefined });
     // A stored leaf that is still this service's and valid is used at once
     // (a restart while the control plane is away), else a new one is issued.
     const dir = a.dataDir && serviceDir(a.dataDir, def.name);
@@ -174,10 +156,7 @@ export class ServiceRuntime {
       persist: dir ? (t) => writeStored(dir, t) : undefined,
       sign: (csr) => a.signer.signService(def.name, csr),
       trustBundle: () => a.signer.trustBundle(),
-      onRenewed: (t) => {
-        this.inbound?.setTls(t);
-        for (const o of this.outbound) o.setTls(t);
-      },
+      onRenewed: (t) => a.proxy.setServiceTls(def.name, t),
     });
     await this.attempt(0);
   }
@@ -212,24 +191,20 @@ export class ServiceRuntime {
   private async run(tls: ServiceTls): Promise<void> {
     const { def, a } = this;
     const log = a.log;
-    this.inbound?.setTls(tls);
-    def.upstreams.forEach((up, i) => {
-      const o = new OutboundProxy({
-        source: def.name, destination: up.destinationName, trustDomain: a.trustDomain, namespace: a.namespace,
-        listenHost: up.localBindAddress, listenPort: up.localBindPort, tls, log, metrics: a.metrics,
-        hostLimit: a.hostLimit, logLimit: a.logLimit, tcp: a.tcp,
-      });
-      this.outbound.push(o);
+    a.proxy.setServiceTls(def.name, tls);
+    for (const [i, up] of def.upstreams.entries()) {
+      const u = await a.proxy.addUpstream({ source: def.name, destination: up.destinationName, listenHost: up.localBindAddress, listenPort: up.localBindPort });
+      this.upstreams.push(u);
       this.snapshots.push([]);
+      if (this.stopped) break;
       this.watches.push(
         a.registry.watchService(up.destinationName, (list) => {
           this.snapshots[i] = list;
-          o.setEndpoints(list.filter(a.routable));
+          u.setEndpoints(list.filter(a.routable));
         }, (err) =>
           log.warn({ event: EVENTS.registryError, upstream: up.destinationName, err: err.message }, `watch of ${up.destinationName} failed; routing on the last known endpoints`)),
       );
-    });
-    await Promise.all(this.outbound.map((o) => o.start()));
+    }
     if (this.stopped) return;
     for (const c of def.checks) this.checks.set(c.id, new CheckRunner(c, () => this.checksChanged()));
     await Promise.all([...this.checks.values()].map((c) => c.start()));
@@ -238,12 +213,12 @@ export class ServiceRuntime {
     this.health = worst([...this.checks.values()].map((c) => c.result.status));
     this.trackCritical();
     await this.publish(true);
-    log.info({ event: EVENTS.serviceRegistered, id: this.instanceId, meshPort: this.meshPort, health: this.health, published: this.published !== undefined }, `service ${def.name} registered (mesh port ${this.meshPort}, ${this.health})`);
+    log.info({ event: EVENTS.serviceRegistered, id: this.instanceId, port: this.port, health: this.health, published: this.published !== undefined }, `service ${def.name} registered (port ${this.port}, ${this.health})`);
   }
 
   /** Re-applies the node-record filter to every upstream's last snapshot. */
   refilter(): void {
-    this.outbound.forEach((o, i) => o.setEndpoints((this.snapshots[i] ?? []).filter(this.a.routable)));
+    this.upstreams.forEach((u, i) => u.setEndpoints((this.snapshots[i] ?? []).filter(this.a.routable)));
   }
 
   private checksChanged(): void {
@@ -339,10 +314,6 @@ export class ServiceRuntime {
     return this.publish();
   }
 
-  reauthorize(): void {
-    this.inbound?.setAuthorize(this.authorize);
-  }
-
   state(): ServiceState {
     const published = this.published === undefined ? 'unknown' : this.published === 'absent' ? 'absent' : (JSON.parse(this.published) as Instance).health;
     return {
@@ -350,7 +321,7 @@ export class ServiceRuntime {
       name: this.def.name,
       health: this.health,
       published,
-      meshPort: this.meshPort,
+      port: this.port,
       app: this.def.localServicePort !== undefined ? `${this.def.localServiceAddress}:${this.def.localServicePort}` : undefined,
       certificateExpires: this.waiting ? undefined : this.leaf?.expires.toISOString(),
       waiting: this.waiting,
@@ -359,9 +330,9 @@ export class ServiceRuntime {
       upstreams: this.def.upstreams.map((u, i) => ({
         destination: u.destinationName,
         local: `${u.localBindAddress}:${u.localBindPort}`,
-        endpoints: (this.outbound[i]?.endpointList ?? []).map((e) => `${e.address}:${e.port}`),
+        endpoints: (this.upstreams[i]?.endpoints ?? []).map((e) => `${e.address}:${e.port}`),
       })),
-      connections: this.inbound?.connections ?? 0,
+      connections: this.a.proxy.flows.list().filter((f) => f.side !== 'outbound' && f.destination.service === this.def.name).length,
     };
   }
 
@@ -377,7 +348,7 @@ export class ServiceRuntime {
     this.leaf?.stop();
     await this.publishing?.catch(() => undefined);
     await this.a.registry.deregister(this.instanceId).catch(() => undefined);
-    await Promise.all([this.inbound?.close(drainMs), ...this.outbound.map((o) => o.close(drainMs))]);
+    await Promise.all([this.a.proxy.removeService(this.instanceId, drainMs), ...this.upstreams.map((u) => this.a.proxy.removeUpstream(u, drainMs))]);
     if (wasRunning) this.a.log.info({ event: EVENTS.serviceDeregistered, id: this.instanceId }, `service ${this.def.name} deregistered`);
   }
 }

@@ -119,7 +119,7 @@ export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHa
   const metrics = new Metrics();
   const agent = new Agent({
     node: cfg.node, trustDomain: ident.trustDomain, servicesDir: cfg.servicesDir, advertiseAddress: cfg.advertise, bindAddress: cfg.bind,
-    inboundPortBase: cfg.inboundPortBase, registry, signer: client, dataDir: cfg.dataDir, log, metrics,
+    hbonePort: cfg.hbonePort, maxStreamsPerTunnel: cfg.hboneMaxStreams, tunnelIdleMs: cfg.hboneIdleMs, registry, signer: client, dataDir: cfg.dataDir, log, metrics,
     trust: () => ({ roots: ident.tls.trustBundlePem, trustDomain: ident.trustDomain }),
     nodeRecords: true,
     maxConnectionsPerHost: cfg.maxConnectionsPerHost,

@@ -22,7 +22,8 @@ export interface DevOptions {
   dataDir: string;
   adminHost: string;
   adminPort: number;
-  inboundPortBase: number;
+  /** The HBONE port (15008; 0: any free port). */
+  hbonePort: number;
   trustDomain?: string;
   /** Default intention when the data dir has none yet; `knit dev` uses allow. */
   initialDefault: Action;
@@ -33,6 +34,7 @@ export interface DevOptions {
 export interface DevHandle {
   trustDomain: string;
   adminPort: number;
+  hbonePort: number;
   defaultAction: Action;
   caCreated: boolean;
   services: ServiceState[];
@@ -52,7 +54,7 @@ export async function startDev(o: DevOptions): Promise<DevHandle> {
   const agentRegistry = store.client();
   const agent = new Agent({
     node, trustDomain: cp.trustDomain, servicesDir: o.configDir, advertiseAddress: '127.0.0.1', bindAddress: '127.0.0.1',
-    inboundPortBase: o.inboundPortBase, registry: agentRegistry, signer: cp.localSigner(), log: o.log, metrics,
+    hbonePort: o.hbonePort, registry: agentRegistry, signer: cp.localSigner(), log: o.log, metrics,
     trust: () => ({ roots: cp.trustBundle(), trustDomain: cp.trustDomain }),
   });
   let server: http.Server | undefined;
@@ -63,6 +65,7 @@ export async function startDev(o: DevOptions): Promise<DevHandle> {
     return {
       trustDomain: cp.trustDomain,
       adminPort: api.port,
+      hbonePort: agent.proxy.hbonePort,
       defaultAction: cp.initialIntentions.defaultAction,
       caCreated: cp.created,
       services: agent.state().services,

@@ -17,7 +17,7 @@ import { controlPlaneRoutes } from '../server/routes.js';
 import { agentApiRoutes, fleetAuthenticator } from '../server/agent-routes.js';
 import { serverId } from '../identity/spiffe.js';
 import { LeafManager } from '../identity/leaf.js';
-import { tlsOptions } from '../proxy/tls.js';
+import { tlsOptions } from '../identity/tls.js';
 import { writeFileAtomic } from '../files.js';
 import { listenApi } from '../api/router.js';
 import { registryRoutes } from '../api/registry-routes.js';

@@ -8,12 +8,9 @@ import { request, Agent as Dispatcher } from 'undici';
 import { adminAddress, adminUrl, caFile, operatorTokenFile, serverAddress } from '../config/env.js';
 import { checkServer } from '../agent/control-client.js';
 
-/** A failure the CLI reports as one line `knit: <message>` and exits with `exitCode` (default 1). */
-export class CliError extends Error {
-  constructor(message: string, readonly exitCode = 1) {
-    super(message);
-  }
-}
+import { CliError } from './failures.js';
+
+export { CliError };
 
 /** `cp:7700` or `https://cp:7700`: the control plane's URL (https:// when no scheme is given). */
 export function serverUrl(v: string): string {

@@ -4,6 +4,13 @@
  */
 import { KnitError } from '../errors.js';
 
+/** A failure the CLI reports as one line `knit: <message>` and exits with `exitCode` (default 1). */
+export class CliError extends Error {
+  constructor(message: string, readonly exitCode = 1) {
+    super(message);
+  }
+}
+
 /** What wanted a port, and how to move it (e.g. `--admin-addr 127.0.0.1:PORT to use another`). */
 export interface PortOwner {
   what: string;

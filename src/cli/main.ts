@@ -6,23 +6,24 @@
  * `--log-format` are global: they work before or after the subcommand
  * (`knit --json services` and `knit services --json`).
  */
+// Only what every command needs is imported here. Each command imports its
+// implementation when it runs (`await import(...)` in its action), so that
+// `knit agent` never loads the control plane, the dev composition or the
+// validator, and `knit --help` loads none of them: every module loaded is
+// memory a long-running agent keeps for its whole life, and start-up time
+// for every short command. test/lazy-load.test.ts checks it.
 import { Command, CommanderError, Option } from 'commander';
 import { resolve } from 'node:path';
-import { startDev } from '../app/dev.js';
-import { startServer } from '../app/server.js';
-import { startAgent } from '../app/agent.js';
-import { loadAgentConfig, loadServerConfig } from '../config/node-config.js';
-import { createLogger, flushLogs, EVENTS, type Logger, type LogFormat } from '../log/logger.js';
-import { installProcessGuard } from '../log/process-guard.js';
+import type { Logger, LogFormat } from '../log/logger.js';
 import { logLevel, devDataDir, logFormat, LOG_FORMATS } from '../config/env.js';
-import { readIntentionsFile } from '../config/intentions-file.js';
-import { listServiceFiles } from '../config/services.js';
 import { ConfigError, KnitError, formatProblem } from '../errors.js';
 import type { ServiceSummary, Instance } from '../registry/registry.js';
 import type { ServiceState } from '../agent/agent.js';
-import { api, CliError, type ApiOptions } from './client.js';
-import { validate, printValidate } from './validate.js';
-import { listenFailure, type PortOwner } from './failures.js';
+// CliError lives apart from client.js, so that commands that do not call an API
+// (`--help`, `validate`) do not load its HTTP and identity code; `api` is reached
+// through `api()` below.
+import type { ApiOptions } from './client.js';
+import { CliError, listenFailure, type PortOwner } from './failures.js';
 
 /** The global options, as every action sees them (merged with its own by `optsWithGlobals`). */
 interface GlobalOpts extends ApiOptions {
@@ -43,6 +44,12 @@ program
   .addOption(new Option('--log-format <format>', 'log lines: pretty (for people), json (one object per line) or auto: pretty on a terminal (default $KNIT_LOG_FORMAT or auto)').choices(LOG_FORMATS))
   .configureHelp({ showGlobalOptions: true });
 
+/** The admin API / control-plane client (`./client.js`'s `api`), loaded on a client command's first call. */
+async function api<T>(o: ApiOptions, method: 'GET' | 'PUT' | 'POST' | 'DELETE', path: string, body?: unknown): Promise<T> {
+  const client = await import('./client.js');
+  return client.api<T>(o, method, path, body);
+}
+
 /** This command's options merged with the global ones. */
 function opts<T>(cmd: Command): T & GlobalOpts {
   return cmd.optsWithGlobals<T & GlobalOpts>();
@@ -56,13 +63,14 @@ function opts<T>(cmd: Command): T & GlobalOpts {
 const loggers: Logger[] = [];
 
 /** The process logger for a long-running command, in the format the user chose. */
-function processLogger(cmd: Command, level: string): Logger {
+async function processLogger(cmd: Command, level: string): Promise<Logger> {
   let format: LogFormat;
   try {
     format = opts<object>(cmd).logFormat ?? logFormat();
   } catch (e) {
     throw new CliError((e as Error).message);
   }
+  const [{ createLogger }, { installProcessGuard }] = await Promise.all([import('../log/logger.js'), import('../log/process-guard.js')]);
   const log = createLogger({ level, format });
   loggers.push(log);
   // After too many uncaught exceptions the guard exits: with the lines that say why.
@@ -72,7 +80,10 @@ function processLogger(cmd: Command, level: string): Logger {
 
 /** Exits once every logger's queued lines are written (bounded: a stuck stderr cannot hold the exit). */
 async function exitAfterFlush(code: number): Promise<never> {
-  await Promise.all(loggers.map((l) => flushLogs(l)));
+  if (loggers.length > 0) {
+    const { flushLogs } = await import('../log/logger.js');
+    await Promise.all(loggers.map((l) => flushLogs(l)));
+  }
   process.exit(code);
 }
 
@@ -107,6 +118,7 @@ async function devConfigDir(given: string | undefined): Promise<string> {
   const dir = resolve(given ?? DEFAULT_CONFIG_DIR);
   const which = given === undefined ? `${dir} (the default --config-dir)` : dir;
   const elsewhere = '--config-dir DIR to point knit dev at your service files (e.g. --config-dir examples/hello/services)';
+  const { listServiceFiles } = await import('../config/services.js');
   let files: string[];
   try {
     files = await listServiceFiles(dir);
@@ -128,19 +140,20 @@ program
   .option('--config-dir <dir>', `service definitions (*.json, *.yaml, *.yml) (default: "${DEFAULT_CONFIG_DIR}")`)
   .option('--data-dir <dir>', 'CA, trust domain and registry state', devDataDir())
   .option('--admin-addr <host:port>', 'admin API address (loopback only)', '127.0.0.1:7701')
-  .option('--inbound-port-base <port>', 'first mesh inbound port (0: any free port)', intArg('--inbound-port-base'), 21000)
+  .option('--hbone-port <port>', 'HBONE port, where other hosts would reach these services (0: any free port)', intArg('--hbone-port'), 15008)
   .option('--trust-domain <name>', 'trust domain for a new CA (default <uuid>.knit)')
   .action(async (_o: unknown, cmd: Command) => {
-    const o = opts<{ configDir?: string; dataDir: string; adminAddr: string; inboundPortBase: number; trustDomain?: string }>(cmd);
+    const { startDev } = await import('../app/dev.js');
+    const o = opts<{ configDir?: string; dataDir: string; adminAddr: string; hbonePort: number; trustDomain?: string }>(cmd);
     const admin = loopbackAddr(o.adminAddr);
     const configDir = await devConfigDir(o.configDir);
-    const log = processLogger(cmd, logLevel());
+    const log = await processLogger(cmd, logLevel());
     portOwners.set(admin.port, { what: "knit dev's admin API", hint: 'is another knit dev running? --admin-addr 127.0.0.1:PORT uses another port' });
     let dev;
     try {
       dev = await startDev({
         configDir, dataDir: resolve(o.dataDir), adminHost: admin.host, adminPort: admin.port,
-        inboundPortBase: o.inboundPortBase, trustDomain: o.trustDomain, initialDefault: 'allow', log,
+        hbonePort: o.hbonePort, trustDomain: o.trustDomain, initialDefault: 'allow', log,
       });
     } catch (e) {
       configFailure(e, `the service files of ${configDir}`);
@@ -151,9 +164,9 @@ program
       dev.defaultAction === 'allow'
         ? 'knit dev: default intention is ALLOW (development default; apply an intentions file with "default: deny" to change it)'
         : 'knit dev: default intention is deny',
-      `knit dev: admin API http://${admin.host}:${dev.adminPort}`,
+      `knit dev: admin API http://${admin.host}:${dev.adminPort}, HBONE :${dev.hbonePort}`,
       ...dev.services.flatMap((s) => [
-        `  ${s.name}: mesh ${s.meshPort ? `:${s.meshPort}` : '(none)'} -> app ${s.app ?? '(none)'}, ${s.health}`,
+        `  ${s.name}: ${s.port ? `port ${s.port}` : 'client only'} -> app ${s.app ?? '(none)'}, ${s.health}`,
         ...s.upstreams.map((u) => `    upstream ${u.destination} on ${u.local}`),
       ]),
       'knit dev ready',
@@ -202,9 +215,10 @@ program
   .description('control plane: CA, intentions, agent enrolment (HTTPS API, default :7700)')
   .option('--config <file>', 'server config', '/etc/knit/server.yaml')
   .action(async (_o: unknown, cmd: Command) => {
+    const [{ loadServerConfig }, { startServer }] = await Promise.all([import('../config/node-config.js'), import('../app/server.js')]);
     const o = opts<{ config: string }>(cmd);
     const cfg = await loadServerConfig(o.config).catch((e: unknown) => configFailure(e, o.config));
-    const log = processLogger(cmd, cfg.logLevel);
+    const log = await processLogger(cmd, cfg.logLevel);
     portOwners.set(cfg.listenPort, { what: "knit server's API", hint: `is another knit server running? change listen: in ${o.config}` });
     const s = await startServer(cfg, log);
     console.log(
@@ -223,9 +237,10 @@ program
   .description('the host agent: services, health checks, certificates, proxies')
   .option('--config <file>', 'agent config', '/etc/knit/agent.yaml')
   .action(async (_o: unknown, cmd: Command) => {
+    const [{ loadAgentConfig }, { startAgent }, { EVENTS }] = await Promise.all([import('../config/node-config.js'), import('../app/agent.js'), import('../log/logger.js')]);
     const o = opts<{ config: string }>(cmd);
     const cfg = await loadAgentConfig(o.config).catch((e: unknown) => configFailure(e, o.config));
-    const log = processLogger(cmd, cfg.logLevel);
+    const log = await processLogger(cmd, cfg.logLevel);
     portOwners.set(cfg.adminPort, { what: "knit agent's admin API", hint: `is another knit agent running on this host? change admin: in ${o.config}` });
     log.info({ event: EVENTS.agentStarting, node: cfg.node, server: cfg.server }, `knit agent ${cfg.node}: waiting for the control plane at ${cfg.server} and the registry`);
     const a = await startAgent(cfg, log).catch((e: unknown) => configFailure(e, `${cfg.servicesDir} or ${cfg.joinTokenFile}`));
@@ -298,6 +313,7 @@ program
   .argument('<dir-or-file>')
   .option('--allow-remote-upstreams', 'accept upstreams on non-loopback addresses (as agent.yaml allow_remote_upstreams: true)')
   .action(async (target: string, _o: unknown, cmd: Command) => {
+    const { validate, printValidate } = await import('./validate.js');
     const o = opts<{ allowRemoteUpstreams?: boolean }>(cmd);
     process.exitCode = printValidate(await validate(target, { allowRemoteUpstreams: !!o.allowRemoteUpstreams }), !!o.json);
   });
@@ -373,6 +389,7 @@ intention
   .description('replace all intentions with those of a file (and its default, if it sets one)')
   .requiredOption('-f, --file <file>', 'intentions file (YAML or JSON)')
   .action(async (_o: unknown, cmd: Command) => {
+    const { readIntentionsFile } = await import('../config/intentions-file.js');
     const o = opts<{ file: string }>(cmd);
     let f;
     try {
@@ -421,6 +438,28 @@ ca.command('roots')
     const o = opts<object>(cmd);
     const r = await api<{ trustDomain: string; roots: string[] }>(o, 'GET', '/v1/ca/roots');
     console.log(o.json ? JSON.stringify(r, null, 1) : r.roots.join('\n').trim());
+  });
+
+interface FlowsView {
+  node: string;
+  flows: Array<{ id: number; side: string; source: { service: string; id?: string; address?: string }; destination: { service: string; id?: string; address?: string }; rule?: string; bytesSent: number; bytesReceived: number; ageMs: number; tunnel?: string }>;
+  tunnels: Array<{ key: { source: string; destination: string; agent: string }; active: number; carried: number; retiring: boolean }>;
+}
+
+program
+  .command('flows')
+  .description('open connections on this host: source, destination, identities, bytes, age; and the HBONE tunnels carrying them')
+  .action(async (_o: unknown, cmd: Command) => {
+    const o = opts<object>(cmd);
+    const v = await api<FlowsView>(o, 'GET', '/v1/flows');
+    if (o.json) return console.log(JSON.stringify(v, null, 1));
+    if (!v.flows.length) console.log(`no open flows on ${v.node}`);
+    for (const f of v.flows) {
+      const src = `${f.source.service}${f.source.address ? `@${f.source.address}` : ''}`;
+      const dst = `${f.destination.service}${f.destination.address ? `@${f.destination.address}` : ''}`;
+      console.log(`${String(f.id).padStart(5)} ${f.side.padEnd(8)} ${src} -> ${dst}  sent ${f.bytesSent} B, received ${f.bytesReceived} B, ${Math.round(f.ageMs / 1000)} s${f.rule ? `  [${f.rule}]` : ''}${f.tunnel ? `  via ${f.tunnel}` : ''}`);
+    }
+    for (const t of v.tunnels) console.log(`tunnel ${t.key.source} -> ${t.key.destination} @ ${t.key.agent}: ${t.active} open stream(s), ${t.carried} carried${t.retiring ? ', retiring' : ''}`);
   });
 
 program

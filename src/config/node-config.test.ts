@@ -24,7 +24,7 @@ test('an agent config with defaults', async () => {
     assert.equal(c.servicesDir, '/etc/knit/services.d');
     assert.equal(c.adminHost, '127.0.0.1');
     assert.equal(c.adminPort, 7701);
-    assert.equal(c.inboundPortBase, 21000);
+    assert.equal(c.hbonePort, 15008);
     assert.equal(c.drainMs, 10_000);
     assert.equal(c.allowRemoteUpstreams, false);
     assert.equal(c.adminTokenFile, undefined);
@@ -74,20 +74,20 @@ test('server config: defaults, and bad TTLs or trust domains are refused', async
 });
 
 test('regression: a type error hid the other problems of agent.yaml (every problem is reported at once)', () => {
-  const r = parseAgentConfig('agent.yaml', 'registry: zk://h:2181/knit\nserver: https://cp:7700\ninbound_port_base: "21000"\nadmin: 127.0.0.1:70000\ndrain: soon\n');
+  const r = parseAgentConfig('agent.yaml', 'registry: zk://h:2181/knit\nserver: https://cp:7700\nhbone_port: "15008"\nadmin: 127.0.0.1:70000\ndrain: soon\n');
   assert.equal(r.config, undefined);
   assert.deepEqual(r.problems.map((p) => [p.line, p.field]), [
-    [3, 'inbound_port_base'],
+    [3, 'hbone_port'],
     [5, 'drain'],
     [4, 'admin'],
   ]);
-  assert.match(r.problems[0]!.message, /must be integer, not the string "21000"/);
+  assert.match(r.problems[0]!.message, /must be integer, not the string "15008"/);
 });
 
 const refusedAtStart: Array<['agent' | 'server', string, string, number, RegExp]> = [
   ['agent', 'admin port out of range', 'admin: 127.0.0.1:65536\n', 3, /admin: port 65536 in "127\.0\.0\.1:65536" is out of range \(0 to 65535\)/],
   ['agent', 'admin without a port', 'admin: 127.0.0.1\n', 3, /admin: "127\.0\.0\.1" is not host:port/],
-  ['agent', 'inbound port base out of range', 'inbound_port_base: 70000\n', 3, /inbound_port_base: must be a port number from 0 to 65535/],
+  ['agent', 'HBONE port out of range', 'hbone_port: 70000\n', 3, /hbone_port: must be a port number from 0 to 65535/],
   ['agent', 'a bind address that is not an IP', 'bind: eth0\n', 3, /bind: "eth0" is not an IP address to bind/],
   ['agent', 'an advertise address with a space', 'advertise: "10.0.0.1 10.0.0.2"\n', 3, /advertise: .* neither an IP address nor a host name/],
   ['server', 'listen port out of range', 'listen: 0.0.0.0:99999\n', 2, /listen: port 99999 in "0\.0\.0\.0:99999" is out of range/],

@@ -44,7 +44,9 @@ const agentSchema = {
     admin_allow_remote: { type: 'boolean' },
     admin_token_file: str,
     allow_remote_upstreams: { type: 'boolean' },
-    inbound_port_base: port,
+    hbone_port: port,
+    hbone_max_streams: { type: 'integer', minimum: 1, maximum: 10_000 },
+    hbone_idle_timeout: str,
     max_connections_per_host: { type: 'integer', minimum: 1, maximum: 1_000_000 },
     drain: str,
     tcp_keepalive: str,
@@ -92,7 +94,11 @@ export interface AgentConfig {
   adminTokenFile?: string;
   /** Upstreams may bind non-loopback addresses (anyone reaching them speaks as the service). */
   allowRemoteUpstreams: boolean;
-  inboundPortBase: number;
+  /** The host's HBONE port (15008; 0: any free port), where other agents reach every service here. */
+  hbonePort: number;
+  /** Streams per HBONE tunnel (100) and how long an idle tunnel is kept (5m). */
+  hboneMaxStreams?: number;
+  hboneIdleMs?: number;
   /** Connections all of this host's proxies may hold at once (a flood cannot exhaust the host's file descriptors). */
   maxConnectionsPerHost?: number;
   drainMs: number;
@@ -271,6 +277,7 @@ export function parseAgentConfig(file: string, text: string): ParsedConfig<Agent
     if (!URL.canParse(v)) throw new Error(`${JSON.stringify(v)} is not a URL (e.g. https://cp.example.com:7700)`);
   });
   const drainMs = c.duration('drain', 10_000, 0);
+  if (raw.hbone_idle_timeout !== undefined) c.duration('hbone_idle_timeout', 300_000, 1000);
   const keepAliveMs = raw.tcp_keepalive === undefined ? undefined : c.duration('tcp_keepalive', 10_000, 0);
   const idleTimeoutMs = raw.idle_timeout === undefined ? undefined : c.duration('idle_timeout', 3_600_000, 0);
   const admin = c.hostPort('admin', '127.0.0.1:7701');
@@ -297,7 +304,9 @@ export function parseAgentConfig(file: string, text: string): ParsedConfig<Agent
       adminPort: admin.port,
       adminTokenFile: remote ? (raw.admin_token_file as string) : undefined,
       allowRemoteUpstreams: raw.allow_remote_upstreams === true,
-      inboundPortBase: (raw.inbound_port_base as number | undefined) ?? 21000,
+      hbonePort: (raw.hbone_port as number | undefined) ?? 15008,
+      hboneMaxStreams: raw.hbone_max_streams as number | undefined,
+      hboneIdleMs: raw.hbone_idle_timeout === undefined ? undefined : parseDuration(raw.hbone_idle_timeout as string),
       maxConnectionsPerHost: raw.max_connections_per_host as number | undefined,
       drainMs,
       tcp: { keepAliveMs, idleTimeoutMs, noDelay: raw.tcp_nodelay as boolean | undefined },
@@ -366,6 +375,6 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
  */
 export function nodeConfigKind(value: unknown): 'agent' | 'server' | undefined {
   if (typeof value !== 'object' || value === null || Array.isArray(value) || !('registry' in value)) return undefined;
-  const agentOnly = ['server', 'services_dir', 'join_token_file', 'admin', 'admin_allow_remote', 'admin_token_file', 'allow_remote_upstreams', 'inbound_port_base', 'drain', 'bind', 'node'];
+  const agentOnly = ['server', 'services_dir', 'join_token_file', 'admin', 'admin_allow_remote', 'admin_token_file', 'allow_remote_upstreams', 'hbone_port', 'drain', 'bind', 'node'];
   return agentOnly.some((k) => k in value) ? 'agent' : 'server';
 }

@@ -63,8 +63,6 @@ export interface ServiceDefinition {
   /** Where the inbound proxy forwards to: the application on this host. */
   localServiceAddress: string;
   localServicePort?: number;
-  /** Mesh inbound port requested in `sidecar_service.port`; allocated when absent. */
-  meshPort?: number;
   /** `transparent` loads with a warning: it is not implemented yet, and the agent runs the service as `direct`. */
   mode: 'direct' | 'transparent';
   upstreams: Upstream[];
@@ -105,6 +103,7 @@ const IGNORED_CHECK_FIELDS: Record<string, string> = {
   h2ping_use_tls: 'h2ping checks are not supported',
 };
 const IGNORED_SIDECAR_FIELDS: Record<string, string> = {
+  port: 'the agent serves every service of the host on one HBONE port (hbone_port in agent.yaml, 15008)',
   checks: 'the sidecar is the agent itself; its health is the agent\'s',
   check: 'the sidecar is the agent itself; its health is the agent\'s',
   tags: 'the sidecar is not registered separately',
@@ -200,7 +199,6 @@ const serviceSchema = {
           type: 'object',
           additionalProperties: false,
           properties: {
-            port,
             ...anyOf(Object.keys(IGNORED_SIDECAR_FIELDS)),
             proxy: {
               type: 'object',
@@ -477,7 +475,6 @@ function normaliseService(ctx: Ctx, raw: Raw, path: Path): ServiceDefinition {
     checks,
     localServiceAddress,
     localServicePort: int(proxy, 'local_service_port') ?? int(raw, 'port'),
-    meshPort: int(sidecar, 'port'),
     mode,
     upstreams,
     ...(deregister.length ? { deregisterCriticalAfterMs: Math.min(...deregister) } : {}),

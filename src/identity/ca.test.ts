@@ -1,9 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { webcrypto, X509Certificate as NodeX509 } from 'node:crypto';
-import { CertificateAuthority, createCsr, validateLeaf, DEFAULT_LEAF_TTL_MS } from './ca.js';
+import { CertificateAuthority, createCsr, validateLeaf, DEFAULT_LEAF_TTL_MS, x509, generateKeyPair, SIGN_ALG } from './ca.js';
 import { serviceId, trustDomainId } from './spiffe.js';
-import { certInfo, x509, generateKeyPair, EKU, SIGN_ALG } from './x509.js';
+import { certInfo, EKU } from './x509.js';
 import { isKnitError } from '../errors.js';
 
 const TD = 'test.knit';

@@ -6,7 +6,7 @@ import { serviceId } from './spiffe.js';
 import { certInfo } from '../identity/x509.js';
 import { silentLogger } from '../log/logger.js';
 import { KnitError, isKnitError } from '../errors.js';
-import type { ServiceTls } from '../proxy/tls.js';
+import type { ServiceTls } from './tls.js';
 import { Recorder, until } from '../../test/helpers/wait.js';
 
 test('renewal falls between 60% and 90% of the leaf life', () => {

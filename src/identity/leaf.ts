@@ -5,9 +5,9 @@
  * window: spreads a fleet's renewals so a CA restart is not a stampede),
  * and retried with backoff on failure, long before it expires.
  */
-import { createCsr, validateLeaf, type SignedLeaf } from './ca.js';
+import { createCsr, validateLeaf, type SignedLeaf } from './csr.js';
 import type { SpiffeId } from './spiffe.js';
-import type { ServiceTls } from '../proxy/tls.js';
+import type { ServiceTls } from './tls.js';
 import { EVENTS, type Logger } from '../log/logger.js';
 
 /** What the agent needs from the control plane to get certificates. */

@@ -22,9 +22,16 @@
  * lived and renewed, and a document written last month by a then-valid
  * signer is still the control plane's word. Its key lives only in the
  * server's memory.
+ *
+ * JWS is done here with node:crypto (RFC 7515 compact form, RFC 7518 3.4
+ * ES256: the signature is R || S, 32 bytes each, which node:crypto calls
+ * `ieee-p1363`) rather than with a JOSE library: every agent verifies
+ * documents, and a library that also does JWE, JWT and JWKS costs an agent
+ * ~9 MB of memory for one algorithm. The wire form is unchanged, so
+ * documents signed before still verify (signed-doc.test.ts checks both ways
+ * against jose).
  */
-import { createHash, X509Certificate } from 'node:crypto';
-import { CompactSign, compactVerify, decodeProtectedHeader } from 'jose';
+import { createHash, KeyObject, sign, verify, X509Certificate } from 'node:crypto';
 import { KnitError } from '../errors.js';
 import type { SpiffeId } from './spiffe.js';
 import { certInfoFromDer } from './x509.js';
@@ -37,7 +44,8 @@ const SKEW_MS = 60_000;
 export interface SignerMaterial {
   /** The signer leaf first, then intermediates, PEM. */
   chainPem: string[];
-  privateKey: CryptoKey;
+  /** EC P-256: a node:crypto key, or a WebCrypto one (as the control plane imports it). */
+  privateKey: KeyObject | CryptoKey;
 }
 
 /** A verified document. */
@@ -69,13 +77,37 @@ const refuse = (why: string): never => {
   throw new KnitError('KNIT_ERR_SIGNATURE', why);
 };
 
+/** The protected header knit writes, in the order jose wrote it (the order is part of the signed bytes, not of the meaning). */
+interface Header {
+  alg: 'ES256';
+  typ: 'knit-doc+jws';
+  x5c: string[];
+}
+
+const BASE64URL = /^[A-Za-z0-9_-]*$/;
+const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+/** An ES256 signature: R and S, 32 bytes each (RFC 7518 3.4). */
+const ES256_SIGNATURE_BYTES = 64;
+
+/** Strict base64url (RFC 7515 2: no padding, no other characters); Buffer.from alone skips what it does not know. */
+function fromBase64url(part: string, what: string): Buffer {
+  if (!BASE64URL.test(part) || part.length % 4 === 1) throw new Error(`${what} is not base64url`);
+  return Buffer.from(part, 'base64url');
+}
+
+/** Is `key` an EC P-256 key, the only kind ES256 names? */
+const isP256 = (key: KeyObject): boolean => key.asymmetricKeyType === 'ec' && key.asymmetricKeyDetails?.namedCurve === 'prime256v1';
+
 /** Signs `body` as a document of `kind`, version `seq`. */
 export async function signDocument(signer: SignerMaterial, trustDomain: string, kind: string, seq: number, body: unknown, now = new Date()): Promise<string> {
+  const key = signer.privateKey instanceof KeyObject ? signer.privateKey : KeyObject.from(signer.privateKey);
+  if (key.type !== 'private' || !isP256(key)) throw new KnitError('KNIT_ERR_SIGNATURE', 'a document signer key must be an EC P-256 private key');
   const x5c = signer.chainPem.map((pem) => new X509Certificate(pem).raw.toString('base64'));
+  const header: Header = { alg: 'ES256', typ: 'knit-doc+jws', x5c };
   const payload: Payload = { kind, td: trustDomain, seq, iat: now.getTime(), body };
-  return new CompactSign(new TextEncoder().encode(JSON.stringify(payload)))
-    .setProtectedHeader({ alg: 'ES256', typ: 'knit-doc+jws', x5c })
-    .sign(signer.privateKey);
+  const input = `${Buffer.from(JSON.stringify(header)).toString('base64url')}.${Buffer.from(JSON.stringify(payload)).toString('base64url')}`;
+  const signature = sign('sha256', Buffer.from(input, 'ascii'), { key, dsaEncoding: 'ieee-p1363' });
+  return `${input}.${signature.toString('base64url')}`;
 }
 
 /**
@@ -86,38 +118,59 @@ export async function signDocument(signer: SignerMaterial, trustDomain: string, 
  */
 export async function verifyDocument<T>(jws: string, kind: string, trust: DocumentTrust, now = new Date()): Promise<VerifiedDocument<T>> {
   if (typeof jws !== 'string' || jws.split('.').length !== 3) refuse(`${kind}: not a signed document (expected a JWS written by the control plane)`);
-  let header: ReturnType<typeof decodeProtectedHeader>;
+  const [headerB64, payloadB64, signatureB64] = jws.split('.') as [string, string, string];
+  let header: Record<string, unknown>;
   try {
-    header = decodeProtectedHeader(jws);
+    const parsed: unknown = JSON.parse(fromBase64url(headerB64, 'header').toString('utf8'));
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('JWS Protected Header is not a JSON object');
+    header = parsed as Record<string, unknown>;
   } catch (e) {
     return refuse(`${kind}: unreadable JWS header: ${(e as Error).message}`);
   }
   if (header.alg !== 'ES256') refuse(`${kind}: signature algorithm ${String(header.alg)} is not ES256`);
+  // RFC 7515 4.1.11: a reader must refuse extensions it does not understand; knit understands none (nor b64=false, RFC 7797).
+  if (header.crit !== undefined || (header.b64 !== undefined && header.b64 !== true)) refuse(`${kind}: JWS header asks for extensions (crit/b64) knit does not implement`);
   const x5c = header.x5c;
   if (!Array.isArray(x5c) || x5c.length === 0 || x5c.length > MAX_CHAIN + 1) refuse(`${kind}: no signer certificate chain (x5c)`);
   let chain: X509Certificate[];
   try {
-    chain = x5c!.map((b64) => new X509Certificate(Buffer.from(b64, 'base64')));
+    chain = (x5c as unknown[]).map((b64) => {
+      // RFC 7515 4.1.6: each entry is standard (not url-safe) base64 DER.
+      if (typeof b64 !== 'string' || !BASE64.test(b64)) throw new Error('x5c entry is not base64');
+      return new X509Certificate(Buffer.from(b64, 'base64'));
+    });
   } catch (e) {
     return refuse(`${kind}: signer certificate cannot be parsed: ${(e as Error).message}`);
   }
   const signer = chain[0]!;
   // The signer must be a control-plane leaf of this trust domain.
-  const info = certInfoFromDer(signer.raw);
+  let info: ReturnType<typeof certInfoFromDer>;
+  try {
+    info = certInfoFromDer(signer.raw);
+  } catch (e) {
+    return refuse(`${kind}: signer certificate cannot be parsed: ${(e as Error).message}`);
+  }
   if (info.uris.length !== 1 || !info.spiffeId) refuse(`${kind}: signer certificate must carry exactly one SPIFFE ID`);
   const id: SpiffeId = info.spiffeId!;
   if (id.what.kind !== 'server') refuse(`${kind}: signed by ${id.uri}, which is not a control-plane identity (spiffe://${trust.trustDomain}/server/<name>)`);
   if (id.trustDomain !== trust.trustDomain) refuse(`${kind}: signed by ${id.uri}, not of trust domain ${trust.trustDomain}`);
   if (info.isCa || !info.keyUsage?.digitalSignature || info.keyUsage.keyCertSign || info.keyUsage.cRLSign) refuse(`${kind}: signer ${id.uri} is not a signing leaf (cA=false, digitalSignature only)`);
-  let verified: { payload: Uint8Array };
+  let payloadBytes: Buffer;
   try {
-    verified = await compactVerify(jws, signer.publicKey, { algorithms: ['ES256'] });
+    if (!isP256(signer.publicKey)) throw new Error(`ES256 needs an EC P-256 key, the signer has ${info.publicKey.label}`);
+    const signature = fromBase64url(signatureB64, 'signature');
+    if (signature.length !== ES256_SIGNATURE_BYTES) throw new Error(`an ES256 signature is ${ES256_SIGNATURE_BYTES} bytes, this one ${signature.length}`);
+    payloadBytes = fromBase64url(payloadB64, 'payload');
+    // The signing input is the text as received (RFC 7515 5.2), not a re-encoding of what it decodes to.
+    if (!verify('sha256', Buffer.from(`${headerB64}.${payloadB64}`, 'ascii'), { key: signer.publicKey, dsaEncoding: 'ieee-p1363' }, signature)) throw new Error('signature verification failed');
   } catch (e) {
     return refuse(`${kind}: signature does not verify: ${(e as Error).message}`);
   }
   let p: Payload;
   try {
-    p = JSON.parse(new TextDecoder().decode(verified.payload)) as Payload;
+    const parsed: unknown = JSON.parse(payloadBytes.toString('utf8'));
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not a JSON object');
+    p = parsed as Payload;
   } catch (e) {
     return refuse(`${kind}: payload is not JSON: ${(e as Error).message}`);
   }

@@ -1,56 +1,29 @@
 /**
- * The one place that touches the x509 library. Everything else passes PEM
- * strings and SpiffeIds. ECDSA P-256 with SHA-256 throughout: it is what
- * SPIFFE implementations and Linkerd use, and a P-256 handshake measured
- * 5.7 ms here against 14 ms for RSA.
+ * Reading certificates with node:crypto alone: what knit checks of a
+ * certificate (its SPIFFE ID, cA, KeyUsage, EKU, key, validity), for the
+ * agent, the proxies and the control plane alike. node:crypto parses and
+ * OpenSSL verifies; the fields it does not expose come from der.ts. The x509
+ * library (@peculiar/x509) is only for making certificates, in ca.ts, which
+ * only the control plane loads: it costs ~20 MB of memory an agent does not
+ * need to spend.
  */
-// @peculiar/x509 resolves its parsers through tsyringe, which needs the Reflect metadata polyfill.
-import 'reflect-metadata';
-import { createHash, webcrypto, X509Certificate as NodeX509Certificate } from 'node:crypto';
-import * as x509 from '@peculiar/x509';
+import { createHash, X509Certificate } from 'node:crypto';
 import { KnitError } from '../errors.js';
 import { parseSpiffeId, type SpiffeId } from './spiffe.js';
+import { OID, readBasicConstraints, readCertificate, readExtKeyUsage, readKeyUsage, readSubjectAltName, toPem, type KeyUsageName } from './der.js';
 
-x509.cryptoProvider.set(webcrypto as unknown as Crypto);
-
-export const EC_ALG = { name: 'ECDSA', namedCurve: 'P-256' } as const;
-export const SIGN_ALG = { name: 'ECDSA', hash: 'SHA-256' } as const;
-
-/** A key pair as PEM plus the live key for signing. */
-export interface KeyPair {
-  privateKeyPem: string;
-  keys: CryptoKeyPair;
-}
-
-/** Makes a new EC P-256 key pair, exportable so it can be written to disk. */
-export async function generateKeyPair(): Promise<KeyPair> {
-  const keys = (await webcrypto.subtle.generateKey(EC_ALG, true, ['sign', 'verify']));
-  const pkcs8 = await webcrypto.subtle.exportKey('pkcs8', keys.privateKey);
-  return { keys, privateKeyPem: x509.PemConverter.encode(pkcs8, 'PRIVATE KEY') };
-}
-
-/** Imports a PKCS#8 PEM private key with its public half (derived from the JWK). */
-export async function importKeyPair(privateKeyPem: string): Promise<KeyPair> {
-  try {
-    const der = x509.PemConverter.decodeFirst(privateKeyPem);
-    const privateKey = await webcrypto.subtle.importKey('pkcs8', der, EC_ALG, true, ['sign']);
-    const jwk = await webcrypto.subtle.exportKey('jwk', privateKey);
-    delete jwk.d;
-    jwk.key_ops = ['verify'];
-    const publicKey = await webcrypto.subtle.importKey('jwk', jwk, EC_ALG, true, ['verify']);
-    return { privateKeyPem, keys: { privateKey, publicKey } };
-  } catch (e) {
-    throw new KnitError('KNIT_ERR_CERT', `not an EC P-256 PKCS#8 private key: ${(e as Error).message}`, { cause: e });
-  }
-}
+export type { KeyUsageName } from './der.js';
 
 /** Facts about a certificate that knit checks, read from PEM. */
 export interface CertInfo {
+  /** The certificate re-armoured: 64-character lines, no trailing newline. */
   pem: string;
+  /** The serial number's DER contents octets, lowercase hex. */
   serial: string;
   subject: string;
   notBefore: Date;
   notAfter: Date;
+  /** The basicConstraints cA flag as written (false when the extension is absent). */
   isCa: boolean;
   uris: string[];
   /** The single URI SAN parsed as a SPIFFE ID, when there is exactly one and it is valid. */
@@ -69,21 +42,6 @@ export interface CertInfo {
   /** The subject's public key: algorithm and size, as node:crypto reads them. */
   publicKey: PublicKeyInfo;
 }
-
-/** RFC 5280 KeyUsage bit names. */
-export type KeyUsageName = 'digitalSignature' | 'nonRepudiation' | 'keyEncipherment' | 'dataEncipherment' | 'keyAgreement' | 'keyCertSign' | 'cRLSign' | 'encipherOnly' | 'decipherOnly';
-
-const KEY_USAGE_BITS: ReadonlyArray<[KeyUsageName, number]> = [
-  ['digitalSignature', x509.KeyUsageFlags.digitalSignature],
-  ['nonRepudiation', x509.KeyUsageFlags.nonRepudiation],
-  ['keyEncipherment', x509.KeyUsageFlags.keyEncipherment],
-  ['dataEncipherment', x509.KeyUsageFlags.dataEncipherment],
-  ['keyAgreement', x509.KeyUsageFlags.keyAgreement],
-  ['keyCertSign', x509.KeyUsageFlags.keyCertSign],
-  ['cRLSign', x509.KeyUsageFlags.cRLSign],
-  ['encipherOnly', x509.KeyUsageFlags.encipherOnly],
-  ['decipherOnly', x509.KeyUsageFlags.decipherOnly],
-];
 
 /** A certificate's public key, enough to decide whether knit accepts it. */
 export interface PublicKeyInfo {
@@ -105,9 +63,9 @@ const CURVES: Record<string, [string, number]> = {
 };
 
 /** Reads the key type and size with node:crypto, which knows every algorithm OpenSSL does. */
-function publicKeyInfo(der: Buffer): PublicKeyInfo {
+function publicKeyInfo(cert: X509Certificate): PublicKeyInfo {
   try {
-    const key = new NodeX509Certificate(der).publicKey;
+    const key = cert.publicKey;
     const type = key.asymmetricKeyType ?? 'unknown';
     const d = key.asymmetricKeyDetails ?? {};
     if (type === 'ec') {
@@ -125,19 +83,16 @@ const OID_SERVER_AUTH = '1.3.6.1.5.5.7.3.1';
 const OID_CLIENT_AUTH = '1.3.6.1.5.5.7.3.2';
 export const EKU = { serverAuth: OID_SERVER_AUTH, clientAuth: OID_CLIENT_AUTH } as const;
 
-/** Parses one PEM certificate; throws KNIT_ERR_CERT on garbage. */
-export function certInfo(pem: string): CertInfo {
-  let c: x509.X509Certificate;
-  try {
-    c = new x509.X509Certificate(pem);
-  } catch (e) {
-    throw new KnitError('KNIT_ERR_CERT', `not a PEM X.509 certificate: ${(e as Error).message}`, { cause: e });
-  }
-  const san = c.getExtension(x509.SubjectAlternativeNameExtension);
-  const uris = san ? san.names.items.filter((n) => n.type === 'url').map((n) => n.value) : [];
-  const bc = c.getExtension(x509.BasicConstraintsExtension);
-  const ku = c.getExtension(x509.KeyUsagesExtension);
-  const eku = c.getExtension(x509.ExtendedKeyUsageExtension);
+/** Reads a certificate node:crypto has parsed; throws KNIT_ERR_CERT if its DER is not what RFC 5280 allows. */
+function infoOf(cert: X509Certificate): CertInfo {
+  const der = cert.raw;
+  const f = readCertificate(der);
+  const san = f.extensions.get(OID.subjectAltName);
+  const bc = f.extensions.get(OID.basicConstraints);
+  const ku = f.extensions.get(OID.keyUsage);
+  const eku = f.extensions.get(OID.extKeyUsage);
+  const uris = san ? readSubjectAltName(san.value).uris : [];
+  const keyUsages = ku ? readKeyUsage(ku.value) : [];
   let spiffeId: SpiffeId | undefined;
   if (uris.length === 1) {
     try {
@@ -147,35 +102,46 @@ export function certInfo(pem: string): CertInfo {
     }
   }
   return {
-    pem: c.toString('pem'),
-    serial: c.serialNumber,
-    subject: c.subject,
-    notBefore: c.notBefore,
-    notAfter: c.notAfter,
-    isCa: bc?.ca ?? false,
+    pem: toPem(der, 'CERTIFICATE'),
+    serial: f.serial,
+    subject: f.subject,
+    notBefore: f.notBefore,
+    notAfter: f.notAfter,
+    isCa: bc ? readBasicConstraints(bc.value).ca : false,
     uris,
     spiffeId,
-    keyUsage: ku ? {
-      digitalSignature: (ku.usages & x509.KeyUsageFlags.digitalSignature) !== 0,
-      keyCertSign: (ku.usages & x509.KeyUsageFlags.keyCertSign) !== 0,
-      cRLSign: (ku.usages & x509.KeyUsageFlags.cRLSign) !== 0,
-      critical: ku.critical,
-    } : undefined,
-    eku: eku ? Array.from(eku.usages, String) : [],
-    fingerprint: createHash('sha256').update(Buffer.from(c.rawData)).digest('hex'),
-    keyUsages: ku ? KEY_USAGE_BITS.filter(([, bit]) => (ku.usages & bit) !== 0).map(([name]) => name) : [],
-    publicKey: publicKeyInfo(Buffer.from(c.rawData)),
+    keyUsage: ku
+      ? { digitalSignature: keyUsages.includes('digitalSignature'), keyCertSign: keyUsages.includes('keyCertSign'), cRLSign: keyUsages.includes('cRLSign'), critical: ku.critical }
+      : undefined,
+    eku: eku ? readExtKeyUsage(eku.value) : [],
+    fingerprint: createHash('sha256').update(der).digest('hex'),
+    keyUsages,
+    publicKey: publicKeyInfo(cert),
   };
+}
+
+/** Parses a certificate with node:crypto, then reads it; throws KNIT_ERR_CERT on garbage. */
+function parseWith(input: string | Buffer, what: string): CertInfo {
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(input);
+  } catch (e) {
+    throw new KnitError('KNIT_ERR_CERT', `not a ${what} X.509 certificate: ${(e as Error).message}`, { cause: e });
+  }
+  return infoOf(cert);
+}
+
+/** Parses one PEM certificate (the first, if `pem` holds several); throws KNIT_ERR_CERT on garbage. */
+export function certInfo(pem: string): CertInfo {
+  return parseWith(pem, 'PEM');
 }
 
 /** Parses one DER certificate (as TLS sockets hand it over); throws KNIT_ERR_CERT on garbage. */
 export function certInfoFromDer(der: Buffer): CertInfo {
-  return certInfo(`-----BEGIN CERTIFICATE-----\n${der.toString('base64')}\n-----END CERTIFICATE-----`);
+  return parseWith(der, 'DER');
 }
 
 /** Splits a PEM bundle into its certificates. */
 export function splitPem(bundle: string): string[] {
   return bundle.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
 }
-
-export { x509 };

@@ -80,6 +80,8 @@ export const EVENTS = {
   endpointRestored: 'endpoint.restored',
   /** A window closed in which lines of one key were suppressed; `suppressed` says how many. */
   logSuppressed: 'log.suppressed',
+  tunnelOpened: 'hbone.tunnel_opened',
+  tunnelClosed: 'hbone.tunnel_closed',
 } as const;
 
 /** How log lines look; `auto` is pretty on a terminal, JSON lines elsewhere. */

@@ -1,14 +1,19 @@
 /**
  * Hostile peer certificates, made with the openssl CLI and signed with the
- * real CA key, against both sides of the data plane:
+ * real CA key, against both sides of the node proxy:
  *
- * - inbound: a TLS client presents each certificate to a real InboundProxy;
- *   it must be refused, the application must never see a connection, and
- *   the reason logged and counted must name the problem;
- * - outbound: a real OutboundProxy dials a TLS server presenting each
- *   certificate; the application's connection must be reset, the server must
- *   receive no application byte, and the refusal must count as `identity`
- *   with a reason that names the problem.
+ * - inbound: a TLS client presents each certificate to host b's HBONE
+ *   listener, asking for `api` by SNI with ALPN h2; it must be refused, the
+ *   application must never see a connection, and the reason logged and
+ *   counted (`knit_inbound_rejected_total{reason,service}`) must name the
+ *   problem;
+ * - outbound: host a dials, as api's agent, a fake HBONE server presenting
+ *   each certificate; the application's connection must be reset, the
+ *   server must receive no byte after the TLS handshake (knit checks the
+ *   server's identity before it starts HTTP/2: no preface, no CONNECT),
+ *   and the refusal must count in `knit_hbone_dials_total{result="identity"}`
+ *   and `knit_outbound_rejected_total{reason}` with a reason that names the
+ *   problem.
  *
  * The good leaf (and the EKU cases that fit the role) must pass, so that a
  * proxy refusing everything fails this suite too.
@@ -16,21 +21,17 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import tls from 'node:tls';
-import { once } from 'node:events';
+import type tls from 'node:tls';
 import { X509Certificate } from 'node:crypto';
-import { pino } from 'pino';
-import { InboundProxy } from './inbound/inbound.js';
-import { PeerIdentityReader } from './tls.js';
-import { OutboundProxy } from './outbound/outbound.js';
-import { Metrics } from '../log/metrics.js';
+import { PeerIdentityReader } from '../identity/peer.js';
 import { EVENTS } from '../log/logger.js';
-import { compile } from '../policy/intentions.js';
-import type { SpiffeId } from '../identity/spiffe.js';
-import type { Instance } from '../registry/registry.js';
 import { makePki, type TestPki } from '../../test/helpers/pki.js';
 import { makeOpensslCerts, HOSTILE_CASES, type HostileCase, type OpensslCerts, type OpensslLeaf } from '../../test/helpers/openssl-certs.js';
-import { Recorder } from '../../test/helpers/wait.js';
+import { startMesh, listen, apiAt, captureLog, fakeAgent, hboneAttempt, type Mesh, type LogLine as MeshLogLine, type HboneOutcome } from '../../test/helpers/mesh-pair.js';
+import { until } from '../../test/helpers/wait.js';
+import { NodeProxy } from './node-proxy.js';
+import { Metrics } from '../log/metrics.js';
+import { compile } from '../policy/intentions.js';
 
 const TD = 'test.knit';
 const ID = (path: string) => `spiffe://${TD}${path}`;
@@ -44,7 +45,7 @@ const esc = (s: string) => s.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
  */
 type Expect = 'accept' | RegExp | { reason: RegExp; code: RegExp };
 
-/** What each case must come to on the inbound side (the peer is a client claiming to be `web`). */
+/** What each case must come to on the inbound side (the peer is a client claiming to be `web`, asking for `api`). */
 const INBOUND: Record<HostileCase | 'no-certificate', Expect> = {
   'no-certificate': /^no client certificate$/,
   good: 'accept',
@@ -60,7 +61,7 @@ const INBOUND: Record<HostileCase | 'no-certificate', Expect> = {
   'wrong-trust-domain': new RegExp(`^peer spiffe://other\\.knit/ns/default/svc/web is not in trust domain ${esc(TD)}$`),
   'agent-id': new RegExp(`^peer ${esc(ID('/agent/node-1'))} is not a service identity$`),
   'server-id': new RegExp(`^peer ${esc(ID('/server/s1'))} is not a service identity$`),
-  'other-namespace': new RegExp(`^peer ${esc(ID('/ns/other/svc/web'))} is in namespace other, api accepts only namespace default$`),
+  'other-namespace': new RegExp(`^peer ${esc(ID('/ns/other/svc/web'))} is in namespace other, this mesh accepts only namespace default$`),
   'key-cert-sign': /^peer certificate key usage includes keyCertSign, an X\.509-SVID leaf must not$/,
   'crl-sign': /^peer certificate key usage includes cRLSign, an X\.509-SVID leaf must not$/,
   'no-key-usage': /^peer certificate has no key usage extension/,
@@ -73,7 +74,7 @@ const INBOUND: Record<HostileCase | 'no-certificate', Expect> = {
   'eku-client-only': 'accept',
 };
 
-/** What each case must come to on the outbound side (the peer is a server that must be `api`). */
+/** What each case must come to on the outbound side (the peer is an agent that must prove `api`). */
 const OUTBOUND: Record<HostileCase, Expect> = {
   good: 'accept',
   'other-ca': { reason: /^server certificate not signed by the trust bundle$/, code: /^(UNABLE_TO_VERIFY_LEAF_SIGNATURE|UNABLE_TO_GET_ISSUER_CERT_LOCALLY)$/ },
@@ -100,77 +101,49 @@ const OUTBOUND: Record<HostileCase, Expect> = {
   'eku-client-only': { reason: /^server certificate not allowed for server authentication: extended key usage lacks serverAuth$/, code: /^INVALID_PURPOSE$/ },
 };
 
+/** A refusal's log line: its reason and, when OpenSSL refused the chain, OpenSSL's code and message. */
+type RefusalLine = MeshLogLine & { verifyCode?: string; openssl?: string };
+
 /** Asserts a refusal's log line against what the case expects. */
-function assertRefusal(line: LogLine, expect: Exclude<Expect, 'accept'>): void {
+function assertRefusal(l: MeshLogLine, expect: Exclude<Expect, 'accept'>): void {
+  const line = l as RefusalLine;
   const { reason, code } = expect instanceof RegExp ? { reason: expect, code: undefined } : expect;
   assert.match(line.reason ?? '', reason);
-  assert.doesNotMatch(line.msg ?? '', /UNSPECIFIED/, 'a reason, not UNSPECIFIED');
+  assert.doesNotMatch(line.msg, /UNSPECIFIED/, 'a reason, not UNSPECIFIED');
   if (code) {
     assert.match(line.verifyCode ?? '', code, 'OpenSSL\'s code is logged');
     assert.ok(line.openssl, 'OpenSSL\'s message is logged');
-    if (line.verifyCode) assert.ok(line.msg?.includes(`(OpenSSL ${line.verifyCode}: ${line.openssl})`), `the message carries OpenSSL's code: ${line.msg}`);
+    if (line.verifyCode) assert.ok(line.msg.includes(`(OpenSSL ${line.verifyCode}: ${line.openssl})`), `the message carries OpenSSL's code: ${line.msg}`);
   } else {
     assert.equal(line.verifyCode, undefined, 'refused by knit, past OpenSSL');
     assert.equal(line.openssl, undefined, 'refused by knit, past OpenSSL');
   }
 }
 
-interface LogLine {
-  event?: string;
-  reason?: string;
-  result?: string;
-  msg?: string;
-  verifyCode?: string;
-  openssl?: string;
-  [k: string]: unknown;
-}
 
 let pki: TestPki;
 let webCerts: OpensslCerts;
 let apiCerts: OpensslCerts;
-const metrics = new Metrics();
-const logs = new Recorder<LogLine>();
-const log = pino({ level: 'debug', base: undefined }, { write: (line: string) => logs.push(JSON.parse(line) as LogLine) });
+let mesh: Mesh;
 
-/** The local application behind the inbound: an echo server that counts the connections it sees. */
-let app: net.Server;
-let appPort: number;
+/** The local application behind api on host b: an echo server that counts the connections it sees. */
+let app: { server: net.Server; port: number };
 let appConnections = 0;
-let inbound: InboundProxy;
-let inboundPort: number;
-let outbound: OutboundProxy;
-let outboundPort: number;
 
-const allowWeb = () => {
-  const ev = compile({ defaultAction: 'deny', intentions: [{ source: 'web', destination: 'api', action: 'allow' }] });
-  return (src: SpiffeId) => ev.evaluate(src.what.kind === 'service' ? src.what.service : src.uri, 'api');
-};
-const endpoint = (port: number): Instance => ({ id: `n/api-${port}`, service: 'api', node: 'n', address: '127.0.0.1', port, tags: [], meta: {}, health: 'passing' });
-const inboundRejected = (reason: string) => metrics.get('knit_inbound_rejected_total', { service: 'api', reason });
-const outboundResult = (result: string) => metrics.get('knit_outbound_connections_total', { service: 'web', upstream: 'api', result });
-const outboundRejected = (reason: string) => metrics.get('knit_outbound_rejected_total', { service: 'web', upstream: 'api', reason });
+const inboundRejected = (reason: string) => mesh.b.metrics.get('knit_inbound_rejected_total', { service: 'api', reason });
+const outboundResult = (result: string) => mesh.a.metrics.get('knit_outbound_connections_total', { service: 'web', upstream: 'api', result });
+const outboundRejected = (reason: string) => mesh.a.metrics.get('knit_outbound_rejected_total', { service: 'web', upstream: 'api', reason });
+const dials = (result: string) => mesh.a.metrics.get('knit_hbone_dials_total', { result });
 
-/** A TLS client presenting `leaf` (or nothing) to `port`; resolves with how the connection ended. */
-async function presentAsClient(port: number, leaf: OpensslLeaf | undefined): Promise<'echoed' | 'closed'> {
-  const s = tls.connect({ host: '127.0.0.1', port, ca: pki.ca.rootPem, cert: leaf?.certChainPem, key: leaf?.keyPem, checkServerIdentity: () => undefined });
-  s.on('error', () => undefined);
-  try {
-    await once(s, 'secureConnect');
-    const echoed = new Promise<string>((resolve, reject) => {
-      s.once('data', (d: Buffer) => resolve(d.toString()));
-      s.once('close', () => reject(new Error('closed')));
-    });
-    s.write('hello');
-    return (await echoed) === 'hello' ? 'echoed' : 'closed';
-  } catch {
-    return 'closed';
-  } finally {
-    s.destroy();
-  }
+/** The first line after index `from` of `lines` that matches, waiting for it. */
+async function nextLine(lines: MeshLogLine[], from: number, what: string, pred: (l: MeshLogLine) => boolean): Promise<MeshLogLine> {
+  return until(what, () => lines.slice(from).find(pred), 5000);
 }
 
-/** The refusal logged after log index `from` by the inbound. */
-const inboundRefusal = (from: number) => logs.next('inbound refusal', (l) => l.event === EVENTS.connRejected && l.service === 'api' && l.upstream === undefined, 5000, from);
+/** A client presenting `leaf` (or nothing) to an HBONE port, asking for api and sending 'hello' on one stream. */
+function presentAsClient(port: number, leaf: OpensslLeaf | undefined, namespace = 'default'): Promise<HboneOutcome> {
+  return hboneAttempt(port, { trustDomain: TD, ca: [pki.ca.rootPem], cert: leaf?.certChainPem, key: leaf?.keyPem, namespace, authority: `127.0.0.1:${app.port}` });
+}
 
 before(async () => {
   pki = await makePki(TD);
@@ -179,26 +152,17 @@ before(async () => {
     makeOpensslCerts({ caCertPem: certPem, caKeyPem: keyPem, trustDomain: TD, service: 'web' }),
     makeOpensslCerts({ caCertPem: certPem, caKeyPem: keyPem, trustDomain: TD, service: 'api' }),
   ]);
-  app = net.createServer((s) => {
+  app = await listen((s) => {
     appConnections++;
+    s.on('error', () => undefined);
     s.pipe(s);
   });
-  app.listen(0, '127.0.0.1');
-  await once(app, 'listening');
-  appPort = (app.address() as net.AddressInfo).port;
-  inbound = new InboundProxy({
-    service: 'api', trustDomain: TD, listenHost: '127.0.0.1', listenPort: 0,
-    targetHost: '127.0.0.1', targetPort: appPort, tls: await pki.leaf('api'), authorize: allowWeb(), log, metrics,
-  });
-  inboundPort = await inbound.start();
-  outbound = new OutboundProxy({ source: 'web', destination: 'api', trustDomain: TD, listenHost: '127.0.0.1', listenPort: 0, tls: await pki.leaf('web'), log, metrics });
-  outboundPort = await outbound.start();
+  mesh = await startMesh(app.port, { pki });
 });
 
 after(async () => {
-  await outbound?.close();
-  await inbound?.close();
-  app?.close();
+  await mesh?.close();
+  app?.server.close();
   await webCerts?.cleanup();
   await apiCerts?.cleanup();
 });
@@ -207,81 +171,54 @@ test('inbound: every hostile client certificate is refused with a reason naming 
   for (const name of ['no-certificate', ...HOSTILE_CASES] as const) {
     const expect = INBOUND[name];
     await t.test(name, async () => {
-      const from = logs.values.length;
+      const lines = mesh.b.lines;
+      const from = lines.length;
       const seen = appConnections;
       const leaf = name === 'no-certificate' ? undefined : webCerts.leaves[name];
-      const got = await presentAsClient(inboundPort, leaf);
+      const got = await presentAsClient(mesh.b.proxy.hbonePort, leaf);
       if (expect === 'accept') {
-        assert.equal(got, 'echoed', `${name} must be accepted`);
+        assert.deepEqual(got, { end: 'echoed', data: 'hello' }, `${name} must be accepted`);
         assert.equal(appConnections, seen + 1, 'the app saw the connection');
         return;
       }
-      assert.equal(got, 'closed', `${name} must be refused`);
-      const line = await inboundRefusal(from);
+      // Refused after the handshake (knit reads the certificate first), before any stream.
+      assert.deepEqual(got, { end: 'closed', handshake: true }, `${name} must be refused`);
+      const line = await nextLine(lines, from, 'inbound refusal', (l) => l.event === EVENTS.connRejected && l.service === 'api');
       assertRefusal(line, expect);
-      assert.ok(inboundRejected(line.reason!) >= 1, `knit_inbound_rejected_total{reason="${line.reason}"} counted`);
+      assert.ok(inboundRejected(line.reason!) >= 1, `knit_inbound_rejected_total{reason="${line.reason}",service="api"} counted`);
       assert.equal(appConnections, seen, 'the app never saw a connection');
-      assert.equal(logs.values.slice(from).filter((l) => l.event === EVENTS.connAccepted).length, 0, 'nothing accepted');
+      assert.equal(lines.slice(from).filter((l) => l.event === EVENTS.connAccepted).length, 0, 'nothing accepted');
     });
   }
 });
 
-test('inbound: a namespace other than default accepts its own services and refuses default ones', async () => {
-  const other = new InboundProxy({
-    service: 'api', trustDomain: TD, namespace: 'other', listenHost: '127.0.0.1', listenPort: 0,
-    targetHost: '127.0.0.1', targetPort: appPort, tls: await pki.leaf('api'), authorize: allowWeb(), log, metrics,
-  });
+test('inbound: a node proxy of a namespace other than default accepts its own services and refuses default ones', async () => {
+  const { log, lines } = captureLog();
+  const metrics = new Metrics();
+  const ev = compile({ defaultAction: 'deny', intentions: [{ source: 'web', destination: 'api', action: 'allow' }] });
+  const other = new NodeProxy({ node: 'o', trustDomain: TD, namespace: 'other', listenHost: '127.0.0.1', hbonePort: 0, advertise: '127.0.0.1', policy: () => ev, log, metrics });
   const port = await other.start();
   try {
-    assert.equal(await presentAsClient(port, webCerts.leaves['other-namespace']), 'echoed');
-    const from = logs.values.length;
-    assert.equal(await presentAsClient(port, webCerts.leaves.good), 'closed');
-    const line = await inboundRefusal(from);
-    assert.equal(line.reason, `peer ${ID('/ns/default/svc/web')} is in namespace default, api accepts only namespace other`);
+    other.setService('o/api', { name: 'api', port: app.port, target: { host: '127.0.0.1', port: app.port } });
+    // api's own certificate in namespace other (openssl's, signed by the same CA).
+    const apiOther = apiCerts.leaves['other-namespace'];
+    other.setServiceTls('api', { certChainPem: apiOther.certChainPem, keyPem: apiOther.keyPem, trustBundlePem: [pki.ca.rootPem] });
+    assert.deepEqual(await presentAsClient(port, webCerts.leaves['other-namespace'], 'other'), { end: 'echoed', data: 'hello' });
+    const from = lines.length;
+    assert.deepEqual(await presentAsClient(port, webCerts.leaves.good, 'other'), { end: 'closed', handshake: true });
+    const line = await nextLine(lines, from, 'refusal', (l) => l.event === EVENTS.connRejected);
+    assert.equal(line.reason, `peer ${ID('/ns/default/svc/web')} is in namespace default, this mesh accepts only namespace other`);
+    assert.equal(metrics.get('knit_inbound_rejected_total', { service: 'api', reason: line.reason ?? '' }), 1);
+    // And an SNI naming namespace default is not one of its services.
+    assert.deepEqual(await presentAsClient(port, webCerts.leaves['other-namespace'], 'default'), { end: 'closed', handshake: false });
   } finally {
     await other.close();
   }
 });
 
-/** A TLS server presenting `leaf`, recording what it receives. */
-async function hostileServer(leaf: OpensslLeaf): Promise<{ port: number; bytes: () => number; handshakes: () => number; resumed: () => number; closed: () => Promise<void>; close: () => void }> {
-  let bytes = 0;
-  let handshakes = 0;
-  let resumed = 0;
-  const open = new Set<tls.TLSSocket>();
-  const srv = tls.createServer({ cert: leaf.certChainPem, key: leaf.keyPem, minVersion: 'TLSv1.3' }, (s) => {
-    handshakes++;
-    if (s.isSessionReused()) resumed++;
-    open.add(s);
-    s.on('error', () => undefined);
-    s.on('data', (d: Buffer) => {
-      bytes += d.length;
-      s.write(d);
-    });
-    s.on('close', () => open.delete(s));
-  });
-  srv.on('tlsClientError', () => undefined);
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  return {
-    port: (srv.address() as net.AddressInfo).port,
-    bytes: () => bytes,
-    handshakes: () => handshakes,
-    resumed: () => resumed,
-    // Resolves once every connection the server accepted has closed.
-    closed: async () => {
-      for (const s of [...open]) if (!s.destroyed) await once(s, 'close');
-    },
-    close: () => {
-      for (const s of open) s.destroy();
-      srv.close();
-    },
-  };
-}
-
-/** The application's side of the outbound: sends at once, resolves with the echo or how the connection ended. */
-async function appThroughOutbound(msg: string): Promise<{ echo?: string; error?: string }> {
-  const s = net.connect(outboundPort, '127.0.0.1');
+/** The application's side of web's upstream: sends at once, resolves with the echo or how the connection ended. */
+async function appThroughUpstream(msg: string): Promise<{ echo?: string; error?: string }> {
+  const s = net.connect(mesh.upstreamPort, '127.0.0.1');
   s.write(msg);
   return new Promise((resolve) => {
     s.once('data', (d: Buffer) => {
@@ -293,49 +230,42 @@ async function appThroughOutbound(msg: string): Promise<{ echo?: string; error?:
   });
 }
 
-test('outbound: every hostile server certificate is an identity refusal, no application byte is sent; good ones carry traffic', async (t) => {
+test('outbound: every hostile agent certificate is an identity refusal, no byte is sent after the handshake; good ones carry traffic', async (t) => {
   for (const name of HOSTILE_CASES) {
     const expect = OUTBOUND[name];
     await t.test(name, async () => {
-      const srv = await hostileServer(apiCerts.leaves[name]);
-      outbound.setEndpoints([endpoint(srv.port)]);
+      const leaf = apiCerts.leaves[name];
+      const srv = await fakeAgent({ cert: leaf.certChainPem, key: leaf.keyPem });
+      mesh.upstream.setEndpoints([apiAt(srv.port)]);
       try {
-        const from = logs.values.length;
-        const ok = outboundResult('ok');
-        const identity = outboundResult('identity');
-        const connectErrors = outboundResult('connect_error');
-        const got = await appThroughOutbound('ping');
+        const lines = mesh.a.lines;
+        const from = lines.length;
+        const before = { ok: outboundResult('ok'), identity: outboundResult('identity'), connectError: outboundResult('connect_error'), dials: dials('identity') };
+        const got = await appThroughUpstream('ping');
         if (expect === 'accept') {
           assert.deepEqual(got, { echo: 'ping' }, `${name} must be accepted`);
-          assert.equal(outboundResult('ok'), ok + 1);
+          assert.equal(outboundResult('ok'), before.ok + 1);
+          assert.ok(srv.bytes() > 0, 'the tunnel carried the stream');
           return;
         }
         assert.equal(got.error, 'ECONNRESET', `${name}: the app's connection is reset (got ${JSON.stringify(got)})`);
-        const line = await logs.next('outbound refusal', (l) => l.event === EVENTS.connRejected && l.upstream === 'api', 5000, from);
+        const line = await nextLine(lines, from, 'outbound refusal', (l) => l.event === EVENTS.connRejected && l.upstream === 'api');
         assertRefusal(line, expect);
         assert.equal(line.result, 'identity');
-        assert.equal(line.endpoint, `127.0.0.1:${srv.port}`);
-        assert.equal(outboundResult('identity'), identity + 1, 'counted as identity');
-        assert.equal(outboundResult('connect_error'), connectErrors, 'not counted as connect_error');
+        assert.equal(line.agent, `127.0.0.1:${srv.port}`);
+        assert.equal(dials('identity'), before.dials + 1, 'knit_hbone_dials_total{result="identity"} counted');
         assert.ok(outboundRejected(line.reason!) >= 1, `knit_outbound_rejected_total{reason="${line.reason}"} counted`);
+        assert.equal(outboundResult('identity'), before.identity + 1, 'the application connection counted as identity');
+        assert.equal(outboundResult('connect_error'), before.connectError, 'not as connect_error');
         await srv.closed();
-        assert.equal(srv.bytes(), 0, 'the hostile server received no application byte');
+        assert.equal(srv.connections(), 1, 'knit dialled the agent once');
+        assert.equal(srv.bytes(), 0, 'the hostile agent received no byte after the handshake: no HTTP/2 preface, no CONNECT');
+        assert.equal(mesh.a.proxy.tunnels().length, 0, 'no tunnel was pooled');
       } finally {
+        mesh.upstream.setEndpoints([mesh.api]);
         srv.close();
       }
     });
-  }
-});
-
-test('outbound: sessions to a good server resume, and still carry traffic', async () => {
-  const srv = await hostileServer(apiCerts.leaves.good);
-  outbound.setEndpoints([endpoint(srv.port)]);
-  try {
-    for (let i = 0; i < 4; i++) assert.deepEqual(await appThroughOutbound(`r${i}`), { echo: `r${i}` });
-    assert.equal(srv.handshakes(), 4);
-    assert.ok(srv.resumed() >= 1, `some handshakes resumed (${srv.resumed()} of 4)`);
-  } finally {
-    srv.close();
   }
 });
 

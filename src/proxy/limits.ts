@@ -18,10 +18,12 @@
  *   which no byte moved either way for that long is closed, so a peer that
  *   vanished without a RST cannot hold two file descriptors forever even
  *   where keepalive probes are dropped or answered by a middlebox.
- * - Caps: 4096 connections per listener (each costs two file descriptors
- *   and, with TLS, some 50-100 KB), 16384 per host when the agent passes one
- *   shared `ConnectionLimit` to every proxy. Over a cap a connection is
- *   refused at once with a RST, counted and logged at a bounded rate.
+ * - Caps: 4096 connections per upstream listener (each costs two file
+ *   descriptors), 16384 per host, shared by every listener of the node
+ *   proxy: each application connection accepted or dialled, each HBONE
+ *   stream's connection to its application and each HBONE connection
+ *   accepted takes a slot. Over a cap a connection is refused at once with a
+ *   RST (an HBONE stream with a 503), counted and logged at a bounded rate.
  */
 import type { Socket } from 'node:net';
 
@@ -38,7 +40,7 @@ export interface TcpOptions {
 /** See the module doc for why these values. */
 export const DEFAULT_TCP: Readonly<TcpOptions> = Object.freeze({ noDelay: true, keepAliveMs: 10_000, idleTimeoutMs: 3_600_000 });
 
-/** Connections one listener (a service's inbound, one upstream) may hold. */
+/** Connections one upstream listener may hold. */
 export const DEFAULT_MAX_CONNECTIONS = 4096;
 /** Connections all of a host's proxies may hold together, when the agent shares one host limit. */
 export const DEFAULT_MAX_HOST_CONNECTIONS = 16_384;

@@ -20,8 +20,13 @@ export interface Instance {
   node: string;
   /** Address peers dial. */
   address: string;
-  /** The mesh (inbound mTLS) port peers dial. */
+  /**
+   * The service's port as registered (Consul's service port): a mesh
+   * stream's :authority names `address:port`. 0 for a client-only service.
+   */
   port: number;
+  /** The HBONE port of the agent that runs it (15008 by default): where peers dial to reach it. */
+  hbonePort?: number;
   tags: string[];
   meta: Record<string, string>;
   health: HealthStatus;

@@ -14,7 +14,7 @@ import { listenApi } from '../api/router.js';
 import { createCsr } from '../identity/ca.js';
 import { agentId, serverId, serviceId } from '../identity/spiffe.js';
 import { keyFingerprint } from '../identity/signed-doc.js';
-import { tlsOptions, type ServiceTls } from '../proxy/tls.js';
+import { tlsOptions, type ServiceTls } from '../identity/tls.js';
 import { ControlClient, enrol, rejoin } from '../agent/control-client.js';
 import { silentLogger } from '../log/logger.js';
 import { isKnitError } from '../errors.js';

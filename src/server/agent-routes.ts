@@ -26,7 +26,7 @@ import { rejoinProofInput } from '../identity/enrolment.js';
 import { keyFingerprint } from '../identity/signed-doc.js';
 import { KnitError } from '../errors.js';
 import { parseDuration } from '../config/duration.js';
-import { PeerIdentityReader } from '../proxy/tls.js';
+import { PeerIdentityReader } from '../identity/peer.js';
 import { validateAllowance, type NodeRecord } from '../policy/nodes.js';
 import type { Registry } from '../registry/registry.js';
 import { EVENTS, type Logger } from '../log/logger.js';

@@ -13,9 +13,8 @@
 import { randomUUID } from 'node:crypto';
 import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { CertificateAuthority, DEFAULT_LEAF_TTL_MS, createCsr, type SignedLeaf } from '../identity/ca.js';
+import { CertificateAuthority, DEFAULT_LEAF_TTL_MS, createCsr, importKeyPair, type SignedLeaf } from '../identity/ca.js';
 import { serverId, serviceId, validateTrustDomain } from '../identity/spiffe.js';
-import { importKeyPair } from '../identity/x509.js';
 import type { SignerMaterial } from '../identity/signed-doc.js';
 import { IntentionStore } from '../policy/store.js';
 import type { Action, IntentionSet } from '../policy/intentions.js';

@@ -71,10 +71,14 @@ export class FleetAgents {
   async start(host: string, timeoutMs = 60_000): Promise<string> {
     const mark = this.spawn(host);
     const a = this.agents[host]!;
-    await until(`agent ${host} ready`, () => {
-      if (a.proc!.exitCode !== null) throw new Error(`agent ${host} exited ${a.proc!.exitCode}: ${a.out.slice(mark).slice(-3000)}`);
-      return a.out.slice(mark).includes('knit agent ready');
-    }, timeoutMs, 50);
+    try {
+      await until(`agent ${host} ready`, () => {
+        if (a.proc!.exitCode !== null) throw new Error(`agent ${host} exited ${a.proc!.exitCode}: ${a.out.slice(mark).slice(-3000)}`);
+        return a.out.slice(mark).includes('knit agent ready');
+      }, timeoutMs, 50);
+    } catch (e) {
+      throw new Error(`${(e as Error).message}\n--- agent ${host} output:\n${a.out.slice(mark).slice(-3000)}`);
+    }
     return a.out.slice(mark);
   }
 

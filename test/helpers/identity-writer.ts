@@ -11,7 +11,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { writeStored } from '../../src/agent/identity-store.js';
-import type { ServiceTls } from '../../src/proxy/tls.js';
+import type { ServiceTls } from '../../src/identity/tls.js';
 
 const [dir, file, pauseAt] = process.argv.slice(2);
 const material = JSON.parse(await readFile(file!, 'utf8')) as ServiceTls;

@@ -39,8 +39,48 @@ export function netnsUnavailable(): string | undefined {
   return undefined;
 }
 
+/**
+ * Removes what a test run that died without cleaning up left on `subnet`:
+ * its bridge (which would black-hole this run's traffic, two bridges
+ * claiming one address) and its namespaces. Only debris of processes that
+ * are gone is touched; a live run's network is left alone.
+ */
+function removeDebris(subnet: number): void {
+  let links: string;
+  try {
+    links = ip('-br', 'addr');
+  } catch {
+    return;
+  }
+  for (const line of links.split('\n')) {
+    const m = /^knbr([0-9a-z]+)\s.*\s10\.231\.(\d+)\.1\//.exec(line);
+    if (!m || Number(m[2]) !== subnet) continue;
+    const pid = parseInt(m[1]!, 36);
+    let alive = true;
+    try {
+      process.kill(pid, 0);
+    } catch {
+      alive = false;
+    }
+    if (alive && pid !== process.pid % 100000) continue;
+    for (const ns of ip('netns', 'list').split('\n').map((l) => l.split(' ')[0]!).filter((n) => n.startsWith(`knit-${m[1]}-`))) {
+      try {
+        ip('netns', 'del', ns);
+      } catch {
+        // already gone
+      }
+    }
+    try {
+      ip('link', 'del', `knbr${m[1]}`);
+    } catch {
+      // already gone
+    }
+  }
+}
+
 /** Makes `names` hosts on 10.231.<subnet>.0/24: bridge .1, hosts .11, .12, ... */
 export function makeNet(names: string[], subnet = 77): TestNet {
+  removeDebris(subnet);
   const tag = (process.pid % 100000).toString(36);
   const bridge = `knbr${tag}`;
   const prefix = `10.231.${subnet}`;

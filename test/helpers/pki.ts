@@ -1,7 +1,7 @@
 /** Certificates made by code for tests: a CA and leaves for any service, fresh or expired. */
-import { CertificateAuthority, createCsr } from '../../src/identity/ca.js';
+import { CertificateAuthority, createCsr, generateKeyPair, importKeyPair, SIGN_ALG, x509 } from '../../src/identity/ca.js';
 import { serviceId } from '../../src/identity/spiffe.js';
-import type { ServiceTls } from '../../src/proxy/tls.js';
+import type { ServiceTls } from '../../src/identity/tls.js';
 
 export interface TestPki {
   ca: CertificateAuthority;
@@ -29,13 +29,12 @@ export async function makePki(trustDomain = 'test.knit'): Promise<TestPki> {
  * the CA's own key (bypassing the CA's checks), for refusal tests.
  */
 export async function hostileLeaf(pki: TestPki, uris: string[], opts: { ca?: boolean } = {}): Promise<{ cert: string; key: string }> {
-  const { x509, generateKeyPair, importKeyPair, SIGN_ALG } = await import('../../src/identity/x509.js');
   const caKey = await importKeyPair(pki.ca.material().keyPem);
   const key = await generateKeyPair();
   const cert = await x509.X509CertificateGenerator.create({
     serialNumber: '01',
     subject: 'CN=hostile',
-    issuer: pki.ca.root.subject,
+    issuer: new x509.X509Certificate(pki.ca.rootPem).subjectName,
     notBefore: new Date(Date.now() - 60_000),
     notAfter: new Date(Date.now() + 3600_000),
     signingAlgorithm: SIGN_ALG,

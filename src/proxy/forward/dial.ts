@@ -39,13 +39,13 @@ export interface DialTlsOptions {
   host: string;
   port: number;
   secureContext: tls.SecureContext;
-  /** A session ticket to resume. */
-  session?: Buffer;
   /** Deadline for TCP connect plus TLS handshake. */
   timeoutMs: number;
   tcp: TcpOptions;
-  /** Called with each session ticket the server sends (they may arrive with the handshake's last flight). */
-  onSession?: (ticket: Buffer, socket: TLSSocket) => void;
+  /** SNI to send (HBONE names the destination service with it). */
+  servername?: string;
+  /** ALPN protocols to offer (HBONE: h2). */
+  alpn?: string[];
 }
 
 /** A TLS session to a peer and the TCP socket under it. */
@@ -69,13 +69,13 @@ export function dialTls(o: DialTlsOptions): Promise<MeshConnection> {
     const s = tls.connect({
       socket: tcp,
       secureContext: o.secureContext,
-      session: o.session,
       // OpenSSL still verifies the chain; the caller reads its verdict on secureConnect.
       rejectUnauthorized: false,
       minVersion: 'TLSv1.3',
       // Identity is a SPIFFE URI, checked by the caller; Node's check only knows DNS names.
       checkServerIdentity: () => undefined,
-      servername: undefined,
+      servername: o.servername,
+      ALPNProtocols: o.alpn,
     });
     let done = false;
     const fail = (e: DialError): void => {
@@ -87,10 +87,6 @@ export function dialTls(o: DialTlsOptions): Promise<MeshConnection> {
       reject(e);
     };
     const timer = setTimeout(() => fail(new DialError('timeout', `connect timed out after ${o.timeoutMs} ms`)), o.timeoutMs);
-    if (o.onSession) {
-      const cb = o.onSession;
-      s.on('session', (ticket: Buffer) => cb(ticket, s));
-    }
     s.on('error', (e: Error & { code?: string }) => {
       fail(new DialError(e.code === 'ECONNREFUSED' ? 'refused' : 'error', e.code === 'ECONNREFUSED' ? 'connection refused' : e.message, e));
     });

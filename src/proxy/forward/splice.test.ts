@@ -87,3 +87,23 @@ test('an aborted pair is closed in order on both sides, without a reset', async 
   assert.deepEqual(await done, { end: 'aborted' });
   await ended;
 });
+
+test('regression: reset() of a socket whose end() is still being sent no longer leaks its handle and spins the event loop', async () => {
+  // libuv refuses a reset while a shutdown is pending (EINVAL); Node 20 then kept the handle open, unread,
+  // and the process spun at full CPU for good. Seen when a flow was closed (intentions changed, agent
+  // stopping) in the same tick as knit passed on the peer's end to the application.
+  const { outer, a } = await pairs();
+  const errors: string[] = [];
+  a.on('error', (e: Error & { code?: string }) => errors.push(e.code ?? e.message));
+  const closed = once(a, 'close');
+  const outerEnded = new Promise<string>((r) => {
+    outer.once('end', () => r('end'));
+    outer.once('error', (e: Error & { code?: string }) => r(e.code ?? ''));
+  });
+  outer.resume();
+  a.end('last words');
+  reset(a);
+  await closed;
+  assert.deepEqual(errors, [], 'no EINVAL from a refused reset');
+  assert.ok(['end', 'ECONNRESET'].includes(await outerEnded), 'the far side learns the connection ended');
+});

@@ -50,14 +50,17 @@ export interface SpliceOptions {
 
 /**
  * The TCP socket a TLS socket runs over, when knit holds one (Node keeps
- * it as `_parent` when a TLS socket wraps an existing socket, as both
- * proxies do). Undefined for a plain socket.
+ * it as `_parent` when a TLS socket wraps an existing socket, as the HBONE
+ * listener and dialler do). Undefined for a plain socket.
  */
 export function tcpUnder(s: Socket): Socket | undefined {
   if (!('encrypted' in s)) return undefined;
   const parent = (s as unknown as { _parent?: unknown })._parent;
   return parent instanceof net.Socket ? parent : undefined;
 }
+
+/** True between `end()` and the end of the write side's shutdown: a reset is refused then (see reset). */
+const endingWrite = (s: Socket): boolean => s.writableEnded && !s.writableFinished;
 
 /**
  * Tears a connection down with a TCP RST: at once for a plain socket, and
@@ -70,6 +73,15 @@ export function tcpUnder(s: Socket): Socket | undefined {
  * `secureConnection`, while OpenSSL is still reading the same buffer) that
  * crashes the process (SIGSEGV in SSL_read, Node 20).
  *
+ * A socket whose write side is ending (`end()` called, its FIN not yet
+ * sent: a shutdown request pending in libuv) is closed instead: libuv
+ * refuses to reset a socket while a shutdown is pending
+ * (`uv_tcp_close_reset` returns EINVAL), and Node 20 then leaves the
+ * handle open with nobody reading it: its descriptor leaks and the event
+ * loop spins at full CPU for good. The far side was already told this
+ * direction ended in order; closing the socket still refuses whatever it
+ * sends next (the kernel answers it with a RST).
+ *
  * What Node cannot promise: libuv reports an RST that arrives in the same
  * wakeup as data as an end of stream (its POLLHUP shortcut), so a reset
  * that follows data within a millisecond or so may reach the far side as a
@@ -79,11 +91,16 @@ export function reset(s: Socket): void {
   const under = tcpUnder(s);
   const tcp = under ?? (!('encrypted' in s) ? s : undefined);
   if (tcp && !tcp.destroyed) {
-    try {
-      tcp.resetAndDestroy();
-    } catch {
-      // Not connected yet (ERR_SOCKET_CLOSED): a plain destroy is all there is.
+    // Under TLS the shutdown is the TLS socket's (it shuts the TCP handle down below Node's TCP socket).
+    if (endingWrite(s) || endingWrite(tcp)) {
       tcp.destroy();
+    } else {
+      try {
+        tcp.resetAndDestroy();
+      } catch {
+        // Not connected yet (ERR_SOCKET_CLOSED): a plain destroy is all there is.
+        tcp.destroy();
+      }
     }
     // Under TLS the TLS socket closes by itself once its TCP socket is gone.
     if (under) return;

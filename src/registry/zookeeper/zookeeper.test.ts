@@ -456,7 +456,9 @@ test('protected tree: after a ZooKeeper restart and a lost session, agents authe
   // A keeps its session across the restart (the library re-sends the credential on reconnection);
   // B's short session is lost while ZooKeeper is down, so it builds a new client (recover()).
   const aLog = new Recorder<{ msg: string }>();
-  const a = await open(t, root, { credentials: agentCreds, sessionTimeoutMs: 10_000, log: pino({ level: 'debug' }, { write: (l: string) => aLog.push(JSON.parse(l) as { msg: string }) }) });
+  // A's session outlasts the outage with room to spare on a loaded machine (ZooKeeper is down
+  // until B notices, then takes seconds to start again).
+  const a = await open(t, root, { credentials: agentCreds, sessionTimeoutMs: 45_000, log: pino({ level: 'debug' }, { write: (l: string) => aLog.push(JSON.parse(l) as { msg: string }) }) });
   const bLog = new Recorder<{ msg: string }>();
   const b = await open(t, root, { credentials: agentCreds, sessionTimeoutMs: 1000, connectTimeoutMs: 2000, log: pino({ level: 'debug' }, { write: (l: string) => bLog.push(JSON.parse(l) as { msg: string }) }) });
   const watcher = await open(t, root, { sessionTimeoutMs: 10_000 });

@@ -1,6 +1,6 @@
 /**
- * TLS pieces shared by the inbound and outbound proxies: the material a
- * service presents, and checking the certificate a peer presents.
+ * Checking the certificate a peer presents, for every TLS edge of knit
+ * (the data plane's inbound and outbound sides, the control plane's API).
  *
  * Both proxies let the handshake finish (`rejectUnauthorized: false`) and
  * then decide themselves, before a byte of application data moves, so that
@@ -29,20 +29,10 @@
  * Node's default `checkServerIdentity` only knows DNS names and rejects
  * URI-only certificates, so knit compares the peer's single URI SAN itself.
  */
-import tls from 'node:tls';
 import type { TLSSocket } from 'node:tls';
 import type { X509Certificate } from 'node:crypto';
-import { certInfoFromDer, EKU, type CertInfo } from '../identity/x509.js';
-import type { SpiffeId } from '../identity/spiffe.js';
-
-/** What a service presents and trusts. */
-export interface ServiceTls {
-  /** PEM of the leaf followed by any intermediates. */
-  certChainPem: string;
-  keyPem: string;
-  /** Roots a peer must chain to. */
-  trustBundlePem: string[];
-}
+import { certInfoFromDer, EKU, type CertInfo } from './x509.js';
+import type { SpiffeId } from './spiffe.js';
 
 /** Why a peer's identity was not accepted; always a reason, never a bare null. */
 export type PeerIdentity = { ok: true; id: SpiffeId; notAfter: Date } | { ok: false; reason: string };
@@ -214,14 +204,4 @@ export function verdictDetail(v: ChainVerdict): { verifyCode?: string; openssl?:
   if (v.ok || v.code === 'NO_CERTIFICATE') return { text: '' };
   if (v.code === 'UNSPECIFIED' && v.openssl) return { openssl: v.openssl, text: '' };
   return { verifyCode: v.code, openssl: v.openssl, text: ` (OpenSSL ${v.code}${v.openssl ? `: ${v.openssl}` : ''})` };
-}
-
-/** TLS options for a service's current material (TLS 1.3 only: no legacy ciphers to audit). */
-export function tlsOptions(t: ServiceTls): tls.SecureContextOptions {
-  return { cert: t.certChainPem, key: t.keyPem, ca: t.trustBundlePem, minVersion: 'TLSv1.3' };
-}
-
-/** A client secure context for a service's current material, built once per renewal. */
-export function secureContext(t: ServiceTls): tls.SecureContext {
-  return tls.createSecureContext(tlsOptions(t));
 }
