@@ -13,10 +13,17 @@ if [ ! -f /usr/share/java/zookeeper.jar ]; then
     exit 1
   fi
 fi
-# Multi-host tests make hosts out of network namespaces; the unit tests use systemd-analyze.
+# Multi-host tests make hosts out of network namespaces; the unit tests use systemd-analyze;
+# transparent mode's redirect is tested with real nftables and iptables (inside namespaces), its
+# wire with tcpdump, its unmodified clients run as nobody with setpriv, its DNS also queried with dig.
 missing=""
 command -v ip >/dev/null || missing="$missing iproute2"
 command -v systemd-analyze >/dev/null || missing="$missing systemd"
+command -v nft >/dev/null || missing="$missing nftables"
+command -v iptables >/dev/null || missing="$missing iptables"
+command -v tcpdump >/dev/null || missing="$missing tcpdump"
+command -v setpriv >/dev/null || missing="$missing util-linux"
+command -v dig >/dev/null || missing="$missing dnsutils"
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ]; then
   echo "== installing$missing (apt-get)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null

@@ -35,6 +35,7 @@ import { ConnectionLimit, DEFAULT_MAX_HOST_CONNECTIONS, type TcpOptions } from '
 import { NodeProxy } from '../proxy/node-proxy.js';
 import { DEFAULT_HBONE_PORT } from '../proxy/hbone/wire.js';
 import { RateLimitedLog } from '../log/ratelimit.js';
+import type { RedirectRules, TransparentMode, TransparentSettings } from './transparent.js';
 import { onlyRegistrationDiffers, sameDefinition, ServiceRuntime, type ServiceContext, type ServiceState } from './service.js';
 
 export type { ServiceState };
@@ -78,6 +79,8 @@ export interface AgentOptions {
   tcp?: Partial<TcpOptions>;
   /** Connections all proxies of this host may hold at once (agent.yaml max_connections_per_host). */
   maxConnectionsPerHost?: number;
+  /** Transparent mode (agent.yaml transparent:): capture listeners, DNS, and the rules when `redirect` is given. */
+  transparent?: { settings: TransparentSettings; redirect?: RedirectRules; resolvConf?: string };
 }
 
 
@@ -104,6 +107,8 @@ export class Agent {
   private readonly starting = new Set<ServiceRuntime>();
   private stopping = false;
   private antiEntropy: NodeJS.Timeout | undefined;
+  /** Transparent mode, when agent.yaml turns it on. */
+  transparent: TransparentMode | undefined;
 
   /** The host's node proxy: every mesh connection of every service here. */
   readonly proxy: NodeProxy;
@@ -167,6 +172,7 @@ export class Agent {
             this.nodes = doc?.body;
             this.o.log.info({ event: EVENTS.nodesChanged, nodes: Object.keys(doc?.body.nodes ?? {}).length, seq: doc?.seq }, 'node records updated');
             for (const r of this.runtimes.values()) r.refilter();
+            this.transparent?.refilter();
             this.checkRevoked();
             resolve();
           },
@@ -184,6 +190,15 @@ export class Agent {
     await Promise.all(first);
     await this.proxy.start();
     await this.apply(services);
+    if (this.o.transparent) {
+      // Loaded only in transparent mode (DNS, netfilter): an agent without it does not carry them.
+      const { TransparentMode } = await import('./transparent.js');
+      this.transparent = new TransparentMode({
+        ...this.o.transparent, proxy: this.proxy, registry: this.o.registry, kv: this.kv, routable: this.routable,
+        local: () => [...this.runtimes.values()].map((r) => r.def), log: this.o.log, metrics: this.o.metrics, onRefused: (kind, e) => this.refused(kind, e),
+      });
+      await this.transparent.start();
+    }
     this.antiEntropy = setInterval(() => this.resync(), this.o.antiEntropyMs ?? 60_000);
     this.antiEntropy.unref();
   }
@@ -312,6 +327,7 @@ export class Agent {
       }
       try {
         const changes = await this.apply(loaded.services);
+        this.transparent?.localChanged();
         this.o.log.info({ event: EVENTS.servicesReloaded, ...changes }, 'services reloaded');
         return { ok: true, problems: [], ...changes };
       } catch (e) {
@@ -336,8 +352,11 @@ export class Agent {
     throw new KnitError('KNIT_ERR_NOT_FOUND', `no check ${checkId} on this agent`);
   }
 
-  state(): { node: string; trustDomain: string; hbonePort: number; services: ServiceState[] } {
-    return { node: this.o.node, trustDomain: this.o.trustDomain, hbonePort: this.proxy.hbonePort, services: [...this.runtimes.values()].map((r) => r.state()) };
+  state(): { node: string; trustDomain: string; hbonePort: number; services: ServiceState[]; transparent?: ReturnType<TransparentMode['state']> } {
+    return {
+      node: this.o.node, trustDomain: this.o.trustDomain, hbonePort: this.proxy.hbonePort, services: [...this.runtimes.values()].map((r) => r.state()),
+      ...(this.transparent ? { transparent: this.transparent.state() } : {}),
+    };
   }
 
   /** Re-asserts every instance in the registry (after a session re-creation; periodically as anti-entropy). */
@@ -352,6 +371,8 @@ export class Agent {
     for (const w of this.watches) w.close();
     await Promise.all([...[...this.starting].map((r) => r.stop(0)), ...[...this.runtimes.values()].map((r) => r.stop(drainMs))]);
     this.runtimes.clear();
+    // Rules first: nothing is redirected to capture ports that are about to close.
+    await this.transparent?.stop(true);
     await this.proxy.close(drainMs);
   }
 }

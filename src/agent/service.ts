@@ -63,6 +63,8 @@ export interface ServiceState {
   /** The port it is registered with (a mesh stream's :authority names it); 0 for a client-only service. */
   port: number;
   app?: string;
+  /** Transparent mode: plaintext clients outside the mesh are refused (strict) or carried (permissive). */
+  inbound: 'strict' | 'permissive';
   certificateExpires?: string;
   /** Why the service is not running yet (waiting for its certificate), if it is not. */
   waiting?: string;
@@ -145,7 +147,7 @@ export class ServiceRuntime {
    */
   async start(): Promise<void> {
     const { def, a } = this;
-    a.proxy.setService(this.instanceId, { name: def.name, port: this.port, target: def.localServicePort !== undefined ? { host: def.localServiceAddress, port: def.localServicePort } : undefined });
+    a.proxy.setService(this.instanceId, { name: def.name, port: this.port, target: def.localServicePort !== undefined ? { host: def.localServiceAddress, port: def.localServicePort } : undefined, inbound: def.inbound });
     // A stored leaf that is still this service's and valid is used at once
     // (a restart while the control plane is away), else a new one is issued.
     const dir = a.dataDir && serviceDir(a.dataDir, def.name);
@@ -323,6 +325,7 @@ export class ServiceRuntime {
       published,
       port: this.port,
       app: this.def.localServicePort !== undefined ? `${this.def.localServiceAddress}:${this.def.localServicePort}` : undefined,
+      inbound: this.def.inbound,
       certificateExpires: this.waiting ? undefined : this.leaf?.expires.toISOString(),
       waiting: this.waiting,
       deregisteredCritical: this.deregisteredCritical,

@@ -11,7 +11,7 @@ import { timingSafeEqual } from 'node:crypto';
 import type http from 'node:http';
 import type { AgentConfig } from '../config/node-config.js';
 import { loadServicesStrict } from '../config/services.js';
-import { Agent } from '../agent/agent.js';
+import { Agent, type AgentOptions } from '../agent/agent.js';
 import { agentRoutes } from '../agent/admin.js';
 import { LeafManager } from '../identity/leaf.js';
 import { ControlClient, enrol, rejoin, type AgentIdentity } from '../agent/control-client.js';
@@ -125,6 +125,7 @@ export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHa
     maxConnectionsPerHost: cfg.maxConnectionsPerHost,
     tcp: Object.fromEntries(Object.entries(cfg.tcp).filter(([, v]) => v !== undefined)),
     loadOptions: { allowRemoteUpstreams: cfg.allowRemoteUpstreams },
+    transparent: await transparentOf(cfg),
   });
   // After the registry lost and re-created this agent's session, re-assert everything at once (not at the next anti-entropy pass).
   const unsubscribe = registry.onResync?.(() => agent.resync());
@@ -156,4 +157,23 @@ export async function startAgent(cfg: AgentConfig, log: Logger): Promise<AgentHa
     await registry.close();
     throw e;
   }
+}
+
+/** agent.yaml's transparent mode as the agent runs it: capture, DNS, and rules it installs and removes itself. */
+async function transparentOf(cfg: AgentConfig): Promise<AgentOptions['transparent']> {
+  const t = cfg.transparent;
+  if (!t.enabled) return undefined;
+  // Loaded only in transparent mode: an agent without it never reads the netfilter code.
+  const { createRedirector, processRunner } = await import('../proxy/transparent/netfilter.js');
+  const redirector = createRedirector({ run: processRunner() });
+  return {
+    settings: {
+      outboundPort: t.outboundPort, inboundPort: t.inboundPort, dnsPort: t.dnsPort, outbound: t.outbound, captureDns: t.captureDns, vipRange: t.vipRange,
+      rules: { agentUid: t.uid, excludeInboundPorts: t.excludeInboundPorts, excludeOutboundPorts: t.excludeOutboundPorts, excludeCidrs: t.excludeCidrs, excludeUids: t.excludeUids },
+    },
+    redirect: {
+      install: async (spec) => void (await redirector.install(spec)),
+      cleanup: async () => void (await redirector.cleanup()),
+    },
+  };
 }

@@ -56,7 +56,7 @@ export async function startServer(cfg: ServerConfig, log: Logger): Promise<Serve
   const creds = await registryCredentials(cfg.registry, access);
   const agentAuth = creds.agent && `${creds.agent.user}:${creds.agent.password}`;
   const { registry } = await openRegistry(cfg.registry, cfg.dataDir, log, access);
-  const cp = await ControlPlane.open({ dataDir: cfg.dataDir, registry, name: cfg.name, trustDomain: cfg.trustDomain, initialDefault: cfg.defaultIntention, leafTtlMs: cfg.leafTtlMs, log });
+  const cp = await ControlPlane.open({ dataDir: cfg.dataDir, registry, name: cfg.name, trustDomain: cfg.trustDomain, initialDefault: cfg.defaultIntention, leafTtlMs: cfg.leafTtlMs, vipRange: cfg.vipRange, log });
   const operatorTokenFile = join(cfg.dataDir, 'operator.token');
   const operatorToken = await secret(operatorTokenFile, random);
   const id = serverId(cp.trustDomain, cfg.name);

@@ -462,13 +462,95 @@ program
     for (const t of v.tunnels) console.log(`tunnel ${t.key.source} -> ${t.key.destination} @ ${t.key.agent}: ${t.active} open stream(s), ${t.carried} carried${t.retiring ? ', retiring' : ''}`);
   });
 
+/** A repeatable option whose values may also be comma lists (`--exclude-uid 1,2 --exclude-uid 3`). */
+function listArg<T>(flag: string, parse: (v: string) => T | undefined, what: string) {
+  return (v: string, previous: T[] | undefined): T[] => [
+    ...(previous ?? []),
+    ...v.split(',').map((x) => x.trim()).filter(Boolean).map((x) => {
+      const got = parse(x);
+      if (got === undefined) throw new CliError(`${flag} ${x}: not ${what}`);
+      return got;
+    }),
+  ];
+}
+const portValue = (v: string): number | undefined => (/^\d+$/.test(v) && Number(v) >= 1 && Number(v) <= 65535 ? Number(v) : undefined);
+const uidValue = (v: string): number | undefined => (/^\d+$/.test(v) && Number(v) <= 4_294_967_294 ? Number(v) : undefined);
+
+program
+  .command('redirect-traffic')
+  .description('install, show (--status) or remove (--cleanup) the netfilter rules of transparent mode: nftables table "inet knit", or knit\'s own iptables chains')
+  .option('--config <file>', 'agent config: its transparent: section and services_dir', '/etc/knit/agent.yaml')
+  .option('--netns <name>', 'inside this network namespace (ip netns exec), e.g. a pod\'s')
+  .option('--status', 'show what is installed and whether it matches the config; exits 1 when not installed or not matching')
+  .option('--cleanup', 'remove exactly what knit added (nothing else changes); nothing to do is no error')
+  .addOption(new Option('--backend <backend>', 'force a backend (default: nft, else iptables)').choices(['nft', 'iptables']))
+  .option('--exclude-inbound-port <ports>', 'ports never captured inbound, replacing the config\'s (repeatable or comma list)', listArg('--exclude-inbound-port', portValue, 'a port (1 to 65535)'))
+  .option('--exclude-outbound-port <ports>', 'destination ports never captured, replacing the config\'s', listArg('--exclude-outbound-port', portValue, 'a port (1 to 65535)'))
+  .option('--exclude-cidr <cidrs>', 'destination networks never captured, replacing the config\'s', listArg('--exclude-cidr', (v) => v, 'a CIDR'))
+  .option('--exclude-uid <uids>', 'uids whose connections are never captured, replacing the config\'s', listArg('--exclude-uid', uidValue, 'a uid'))
+  .action(async (_o: unknown, cmd: Command) => {
+    type RedirectFlags = { config: string; netns?: string; status?: boolean; cleanup?: boolean; backend?: 'nft' | 'iptables'; excludeInboundPort?: number[]; excludeOutboundPort?: number[]; excludeCidr?: string[]; excludeUid?: number[] };
+    const o = opts<RedirectFlags>(cmd);
+    if (o.status && o.cleanup) throw new CliError('--status and --cleanup: choose one');
+    const [{ redirectTraffic }, { parseCidr, planRedirect }] = await Promise.all([import('../app/redirect.js'), import('../proxy/transparent/netfilter-spec.js')]);
+    const bad = o.excludeCidr?.find((c) => !parseCidr(c));
+    if (bad !== undefined) throw new CliError(`--exclude-cidr ${bad}: not a CIDR (e.g. 10.0.0.0/8, fd00::/8, or one address)`);
+    let r;
+    try {
+      r = await redirectTraffic({
+        action: o.status ? 'status' : o.cleanup ? 'cleanup' : 'install',
+        configFile: o.config,
+        configGiven: cmd.getOptionValueSource('config') !== 'default',
+        netns: o.netns,
+        backend: o.backend,
+        overrides: { excludeInboundPorts: o.excludeInboundPort, excludeOutboundPorts: o.excludeOutboundPort, excludeCidrs: o.excludeCidr, excludeUids: o.excludeUid },
+      });
+    } catch (e) {
+      if (e instanceof ConfigError && e.problems.length > 1) configFailure(e, o.config);
+      throw e;
+    }
+    const where = o.netns ? ` in network namespace ${o.netns}` : '';
+    if (r.action === 'status') process.exitCode = r.status.installed && r.status.matches !== false ? 0 : 1;
+    if (o.json) {
+      const data = r.action === 'status' ? { ...r.status, comparedWith: r.comparedWith } : r.action === 'install' ? { ...r.result, spec: r.spec } : r.result;
+      return console.log(JSON.stringify(data, null, 1));
+    }
+    const what = (b: { backend: string; variant?: string; objects: string[] }): string => `${b.backend}${b.variant ? ` (${b.variant})` : ''}: ${b.objects.join(', ')}`;
+    const lines: string[] = [];
+    if (r.action === 'cleanup') {
+      lines.push(r.result.removed.length ? `knit redirect-traffic: removed${where}: ${r.result.removed.join(', ')}` : `knit redirect-traffic: nothing to remove${where}: knit's redirect is not installed`);
+    } else if (r.action === 'install') {
+      const { spec: s, result: x } = r;
+      const excluded = [`ports ${s.excludeOutboundPorts.join(', ') || '-'}`, `networks ${s.excludeCidrs.join(', ') || '-'}`, `uids ${s.agentUid} (the agent)${s.excludeUids.length ? `, ${s.excludeUids.join(', ')}` : ''}`].join('; ');
+      lines.push(
+        `knit redirect-traffic: ${x.replaced ? 'replaced' : 'installed'}${where} with ${what(x)} (${x.rules} rules)`,
+        `  outbound ${s.outbound}: ${s.outbound === 'deny' ? 'all TCP' : `mesh destinations (the agent fills them in) and ${s.vipCidrs.join(', ')}`} -> :${s.outboundPort}; never: loopback; ${excluded}`,
+        `  inbound ports ${planRedirect(s).inboundPorts.join(', ') || '(none)'} -> :${s.inboundPort}; HBONE :${s.hbonePort} and all else untouched`,
+        `  DNS: ${s.captureDns ? `port 53 -> 127.0.0.1/::1 :${s.dnsPort}` : 'not captured'}`,
+        ...(x.removedOther.length ? [`  removed knit's rules of the other backend: ${x.removedOther.join(', ')}`] : []),
+        ...x.notes.map((n) => `  note: ${n}`),
+      );
+    } else {
+      const st = r.status;
+      if (!st.installed) lines.push(`knit's redirect is not installed${where}`);
+      for (const b of st.backends) lines.push(`knit's redirect is installed${where} with ${what(b)}: ${b.rules} rules, ${b.destinations} mesh destination(s)`);
+      if (st.installed && r.comparedWith) {
+        const flags = [o.excludeInboundPort, o.excludeOutboundPort, o.excludeCidr, o.excludeUid].some(Boolean) ? ' and the flags' : '';
+        lines.push(st.matches ? `matches ${r.comparedWith}${flags}` : `does not match ${r.comparedWith}${flags} (- expected, + installed); knit redirect-traffic replaces it:`);
+        for (const b of st.backends) for (const d of b.differences ?? []) lines.push(`  ${d}`);
+      }
+      lines.push(...st.notes.map((n) => `note: ${n}`));
+    }
+    console.log(lines.join('\n'));
+  });
+
 program
   .command('check')
   .description('diagnostics to run when something is wrong')
   .action(async (_o: unknown, cmd: Command) => {
     const o = opts<object>(cmd);
     const findings: Array<{ level: 'ok' | 'warn' | 'error'; what: string }> = [];
-    const state = await api<{ node: string; trustDomain: string; services: ServiceState[] }>(o, 'GET', '/v1/state');
+    const state = await api<{ node: string; trustDomain: string; services: ServiceState[]; transparent?: { rules: { installed: boolean; error?: string }; unauthenticated: Array<{ service: string; callers: Array<{ address: string; count: number; lastSeen: string }> }> } }>(o, 'GET', '/v1/state');
     findings.push({ level: 'ok', what: `agent ${state.node} in trust domain ${state.trustDomain}, ${state.services.length} service(s)` });
     const soon = Date.now() + 3600_000;
     for (const s of state.services) {
@@ -483,6 +565,15 @@ program
         if (!u.endpoints.length) findings.push({ level: 'error', what: `${s.name} -> ${u.destination}: no healthy instance (connections to ${u.local} are reset)` });
         const d = await api<{ allow: boolean; rule: string }>(o, 'GET', `/v1/intentions/check?source=${encodeURIComponent(s.name)}&destination=${encodeURIComponent(u.destination)}`).catch(() => undefined);
         if (d && !d.allow) findings.push({ level: 'error', what: `${s.name} -> ${u.destination} is denied by ${d.rule}` });
+      }
+    }
+    const tp = state.transparent;
+    if (tp) {
+      if (tp.rules.error) findings.push({ level: 'error', what: `transparent mode: redirect rules not installed: ${tp.rules.error}` });
+      for (const s of state.services.filter((x) => x.inbound === 'permissive')) {
+        const callers = tp.unauthenticated.find((u) => u.service === s.name)?.callers ?? [];
+        const who = callers.length ? `plaintext callers in the last hour: ${callers.map((c) => `${c.address} (${c.count}, last ${c.lastSeen})`).join(', ')}` : 'no plaintext caller in the last hour: it can be made strict';
+        findings.push({ level: 'warn', what: `${s.name} is permissive (connect.inbound): ${who}` });
       }
     }
     if (o.json) console.log(JSON.stringify(findings, null, 1));

@@ -129,3 +129,55 @@ test('which node config a file is, by its keys', () => {
   assert.equal(nodeConfigKind({ service: { name: 'a' } }), undefined);
   assert.equal(nodeConfigKind(null), undefined);
 });
+
+test('agent config: transparent mode is off by default, with knit\'s ports and exclusions', () => {
+  const r = parseAgentConfig('a.yaml', 'registry: zk://h:2181/knit\nserver: https://cp:7700\n');
+  assert.deepEqual(r.config?.transparent, {
+    enabled: false, outboundPort: 15001, inboundPort: 15006, dnsPort: 15053, outbound: 'passthrough',
+    excludeInboundPorts: [22], excludeOutboundPorts: [22], excludeCidrs: [], excludeUids: [],
+    captureDns: true, vipRange: '240.240.0.0/16', uid: process.getuid?.() ?? 0,
+  });
+});
+
+test('agent config: transparent: snake_case fields normalised into camelCase', () => {
+  const r = parseAgentConfig('a.yaml', [
+    'registry: zk://h:2181/knit', 'server: https://cp:7700', 'transparent:', '  enabled: true', '  outbound_port: 16001', '  inbound_port: 16006',
+    '  dns_port: 16053', '  outbound: deny', '  exclude_inbound_ports: [22, 2222]', '  exclude_outbound_ports: []',
+    '  exclude_cidrs: [10.0.0.0/8, "fd00::/8", 192.168.1.1]', '  exclude_uids: [999]', '  capture_dns: false', '  vip_range: "fd24::/48"', '  uid: 998', '',
+  ].join('\n'));
+  assert.deepEqual(r.problems, []);
+  assert.deepEqual(r.config?.transparent, {
+    enabled: true, outboundPort: 16001, inboundPort: 16006, dnsPort: 16053, outbound: 'deny',
+    excludeInboundPorts: [22, 2222], excludeOutboundPorts: [], excludeCidrs: ['10.0.0.0/8', 'fd00::/8', '192.168.1.1'], excludeUids: [999],
+    captureDns: false, vipRange: 'fd24::/48', uid: 998,
+  });
+  assert.equal(nodeConfigKind({ registry: 'x', transparent: {} }), 'agent');
+});
+
+const badTransparent: Array<[string, string, number, RegExp]> = [
+  ['a CIDR that is not one', '  exclude_cidrs: [10.0.0.0/8, 10.0.0.0/40]\n', 4, /transparent\.exclude_cidrs\[1\]: "10\.0\.0\.0\/40" is not a CIDR/],
+  ['a VIP range that is not a CIDR', '  vip_range: 240.240.0.0\\16\n', 4, /transparent\.vip_range: .* is not a CIDR/],
+  ['a capture port out of range', '  outbound_port: 70000\n', 4, /transparent\.outbound_port: must be a port number from 1 to 65535/],
+  ['capture port 0', '  inbound_port: 0\n', 4, /transparent\.inbound_port: must be a port number from 1 to 65535/],
+  ['an excluded port out of range', '  exclude_outbound_ports: [22, 65536]\n', 4, /transparent\.exclude_outbound_ports\[1\]: must be a port number/],
+  ['a capture port that is the HBONE port', '  enabled: true\n  inbound_port: 15008\n', 5, /transparent\.inbound_port: port 15008 is also hbone_port's/],
+  ['a capture port that is the admin port', '  enabled: true\n  dns_port: 7701\n', 5, /transparent\.dns_port: port 7701 is also admin's/],
+  ['two capture ports alike', '  enabled: true\n  dns_port: 15001\n', 5, /transparent\.dns_port: port 15001 is also transparent\.outbound_port's/],
+  ['an unknown outbound mode', '  outbound: open\n', 4, /transparent\.outbound: must be "passthrough" or "deny"/],
+  ['a negative uid', '  exclude_uids: [-1]\n', 4, /transparent\.exclude_uids\[0\]: must be >= 0/],
+  ['an unknown field', '  exclude_ports: [22]\n', 4, /transparent\.exclude_ports: unknown field/],
+];
+for (const [what, extra, line, re] of badTransparent) {
+  test(`agent config: transparent: ${what} is refused, with line and field`, () => {
+    const r = parseAgentConfig('c.yaml', `registry: zk://h:2181/knit\nserver: https://cp:7700\ntransparent:\n${extra}`);
+    assert.equal(r.config, undefined);
+    const p = r.problems.find((x) => re.test(`${x.field}: ${x.message}`));
+    assert.ok(p, JSON.stringify(r.problems));
+    assert.equal(p.line, line);
+  });
+}
+
+test('agent config: transparent ports may clash with others while transparent mode is off (nothing listens on them)', () => {
+  const r = parseAgentConfig('c.yaml', 'registry: zk://h:2181/knit\nserver: https://cp:7700\nhbone_port: 15001\n');
+  assert.deepEqual(r.problems, []);
+});

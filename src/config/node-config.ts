@@ -26,6 +26,30 @@ const MIN_LEAF_TTL_MS = 10_000;
 const hostPort = { type: 'string', minLength: 1 } as const;
 const str = { type: 'string', minLength: 1 } as const;
 const port = { type: 'integer', minimum: 0, maximum: 65535 } as const;
+// A port netfilter redirects to or matches: 0 ("any free port") has no meaning there.
+const fixedPort = { type: 'integer', minimum: 1, maximum: 65535 } as const;
+// (uid_t)-1 means "no uid" to the kernel.
+const uid = { type: 'integer', minimum: 0, maximum: 4_294_967_294 } as const;
+
+/** `transparent:` in agent.yaml: the capture ports and what netfilter leaves alone. */
+const transparentSchema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    enabled: { type: 'boolean' },
+    outbound_port: fixedPort,
+    inbound_port: fixedPort,
+    dns_port: fixedPort,
+    outbound: { enum: ['passthrough', 'deny'] },
+    exclude_inbound_ports: { type: 'array', items: fixedPort },
+    exclude_outbound_ports: { type: 'array', items: fixedPort },
+    exclude_cidrs: { type: 'array', items: str },
+    exclude_uids: { type: 'array', items: uid },
+    capture_dns: { type: 'boolean' },
+    vip_range: str,
+    uid,
+  },
+} as const;
 
 const agentSchema = {
   type: 'object',
@@ -53,6 +77,7 @@ const agentSchema = {
     idle_timeout: str,
     tcp_nodelay: { type: 'boolean' },
     log_level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] },
+    transparent: transparentSchema,
   },
 } as const;
 
@@ -71,6 +96,7 @@ const serverSchema = {
     leaf_ttl: str,
     agent_ttl: str,
     rejoin_window: str,
+    vip_range: str,
     log_level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] },
   },
 } as const;
@@ -105,6 +131,37 @@ export interface AgentConfig {
   /** Socket settings of every proxied connection (defaults in proxy/limits.ts: keepalive 10s, idle 1h, no Nagle). */
   tcp: { keepAliveMs?: number; idleTimeoutMs?: number; noDelay?: boolean };
   logLevel: string;
+  /** Transparent mode (off unless `transparent.enabled`), with its defaults filled in. */
+  transparent: TransparentConfig;
+}
+
+/**
+ * Transparent mode: which ports capture redirected connections and what
+ * the netfilter rules leave alone (`knit redirect-traffic` installs them).
+ */
+export interface TransparentConfig {
+  enabled: boolean;
+  /** Outbound capture (15001): applications' connections to mesh destinations land here. */
+  outboundPort: number;
+  /** Inbound capture (15006): connections to this host's service ports land here. */
+  inboundPort: number;
+  /** The agent's DNS resolver (15053, on 127.0.0.1 and ::1). */
+  dnsPort: number;
+  /** `passthrough`: only mesh traffic meets the proxy; `deny`: all outbound TCP does, and non-mesh is refused. */
+  outbound: 'passthrough' | 'deny';
+  /** Never captured (default [22], so SSH survives a dead agent). */
+  excludeInboundPorts: number[];
+  excludeOutboundPorts: number[];
+  /** Destination networks never captured outbound. */
+  excludeCidrs: string[];
+  /** Processes of these uids are never captured. */
+  excludeUids: number[];
+  /** Redirect other processes' DNS (port 53) to the agent's resolver. */
+  captureDns: boolean;
+  /** The mesh's virtual IPs (240.240.0.0/16). */
+  vipRange: string;
+  /** The uid the agent runs as: its own connections are never captured (default: this process's uid). */
+  uid: number;
 }
 
 export interface ServerConfig {
@@ -122,6 +179,8 @@ export interface ServerConfig {
   agentTtlMs: number;
   /** How long after its certificate expired an agent may rejoin with its recorded key. */
   rejoinWindowMs: number;
+  /** Transparent mode's virtual IPs, one per service, assigned by this control plane (240.240.0.0/16). */
+  vipRange: string;
   logLevel: string;
 }
 
@@ -255,6 +314,55 @@ class Checker {
   }
 }
 
+/** Whether `v` is an IPv4 or IPv6 CIDR (or a bare address) with a prefix of at least 1, as netfilter takes it. */
+function isCidr(v: string): boolean {
+  const [address = '', prefix, ...rest] = v.split('/');
+  const family = isIP(address);
+  if (family === 0 || address.includes('%') || rest.length) return false;
+  return prefix === undefined || (/^\d{1,3}$/.test(prefix) && Number(prefix) >= 1 && Number(prefix) <= (family === 4 ? 32 : 128));
+}
+
+/**
+ * `transparent:` with its defaults; records problems the schema cannot see
+ * (CIDR syntax, and, when enabled, capture ports that clash with each other
+ * or with the HBONE and admin ports: one of the listeners would fail).
+ */
+function transparentConfig(c: Checker, raw: Raw, ports: { hbone: number; admin: number }): TransparentConfig {
+  const t = typeof raw.transparent === 'object' && raw.transparent !== null && !Array.isArray(raw.transparent) ? (raw.transparent as Raw) : {};
+  const list = <T>(v: unknown, ok: (x: unknown) => x is T): T[] | undefined => (Array.isArray(v) && v.every(ok) ? v : undefined);
+  const num = (x: unknown): x is number => typeof x === 'number';
+  const text = (x: unknown): x is string => typeof x === 'string';
+  const cfg: TransparentConfig = {
+    enabled: t.enabled === true,
+    outboundPort: num(t.outbound_port) ? t.outbound_port : 15001,
+    inboundPort: num(t.inbound_port) ? t.inbound_port : 15006,
+    dnsPort: num(t.dns_port) ? t.dns_port : 15053,
+    outbound: t.outbound === 'deny' ? 'deny' : 'passthrough',
+    excludeInboundPorts: list(t.exclude_inbound_ports, num) ?? [22],
+    excludeOutboundPorts: list(t.exclude_outbound_ports, num) ?? [22],
+    excludeCidrs: list(t.exclude_cidrs, text) ?? [],
+    excludeUids: list(t.exclude_uids, num) ?? [],
+    captureDns: t.capture_dns !== false,
+    vipRange: text(t.vip_range) ? t.vip_range : '240.240.0.0/16',
+    uid: num(t.uid) ? t.uid : (process.getuid?.() ?? 0),
+  };
+  if (Array.isArray(t.exclude_cidrs)) {
+    t.exclude_cidrs.forEach((v: unknown, i) => {
+      if (typeof v === 'string' && !isCidr(v)) c.addAt(['transparent', 'exclude_cidrs', i], `${JSON.stringify(v)} is not a CIDR (e.g. 10.0.0.0/8, fd00::/8, or one address)`);
+    });
+  }
+  if (typeof t.vip_range === 'string' && !isCidr(t.vip_range)) c.addAt(['transparent', 'vip_range'], `${JSON.stringify(t.vip_range)} is not a CIDR (e.g. 240.240.0.0/16)`);
+  if (cfg.enabled) {
+    const taken = new Map<number, string>([[ports.admin, 'admin'], [ports.hbone, 'hbone_port']]);
+    for (const [field, p] of [['outbound_port', cfg.outboundPort], ['inbound_port', cfg.inboundPort], ['dns_port', cfg.dnsPort]] as const) {
+      const other = taken.get(p);
+      if (other !== undefined && p !== 0) c.addAt(['transparent', field], `port ${p} is also ${other === 'admin' || other === 'hbone_port' ? other : `transparent.${other}`}'s: each needs its own port`);
+      else taken.set(p, field);
+    }
+  }
+  return cfg;
+}
+
 /** The outcome of parsing a config file: the config when there is no problem, and every problem. */
 export interface ParsedConfig<T> {
   config?: T;
@@ -286,6 +394,7 @@ export function parseAgentConfig(file: string, text: string): ParsedConfig<Agent
   const remote = raw.admin_allow_remote === true;
   c.require(!isLoopback(admin.host) && !remote, 'admin', `${admin.host} is not a loopback address: the admin API (reload, TTL check writes, state) would be open to the network; use 127.0.0.1:7701, or set admin_allow_remote: true with an admin_token_file`);
   c.require(remote && raw.admin_token_file === undefined, 'admin_allow_remote', 'needs admin_token_file: a remote admin API requires a bearer token on every call');
+  const transparent = transparentConfig(c, raw, { hbone: typeof raw.hbone_port === 'number' ? raw.hbone_port : 15008, admin: admin.port });
   if (c.problems.length) return { problems: c.problems };
   const dataDir = (raw.data_dir as string | undefined) ?? '/var/lib/knit';
   return {
@@ -311,6 +420,7 @@ export function parseAgentConfig(file: string, text: string): ParsedConfig<Agent
       drainMs,
       tcp: { keepAliveMs, idleTimeoutMs, noDelay: raw.tcp_nodelay as boolean | undefined },
       logLevel: (raw.log_level as string | undefined) ?? 'info',
+      transparent,
     },
   };
 }
@@ -327,6 +437,7 @@ export function parseServerConfig(file: string, text: string): ParsedConfig<Serv
   const agentTtlMs = c.duration('agent_ttl', 72 * 3600_000, MIN_LEAF_TTL_MS);
   const rejoinWindowMs = c.duration('rejoin_window', 30 * 24 * 3600_000, 0);
   const listen = c.hostPort('listen', '0.0.0.0:7700');
+  if (typeof raw.vip_range === 'string' && !isCidr(raw.vip_range)) c.addAt(['vip_range'], `${JSON.stringify(raw.vip_range)} is not a CIDR (e.g. 240.240.0.0/16)`);
   c.require(isIP(listen.host) === 0 && listen.host !== 'localhost', 'listen', `${JSON.stringify(listen.host)} is not an IP address to bind (e.g. 0.0.0.0:7700)`);
   if (Array.isArray(raw.advertise)) {
     raw.advertise.forEach((a: unknown, i) => {
@@ -349,6 +460,7 @@ export function parseServerConfig(file: string, text: string): ParsedConfig<Serv
       leafTtlMs,
       agentTtlMs,
       rejoinWindowMs,
+      vipRange: (raw.vip_range as string | undefined) ?? '240.240.0.0/16',
       logLevel: (raw.log_level as string | undefined) ?? 'info',
     },
   };
@@ -375,6 +487,6 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
  */
 export function nodeConfigKind(value: unknown): 'agent' | 'server' | undefined {
   if (typeof value !== 'object' || value === null || Array.isArray(value) || !('registry' in value)) return undefined;
-  const agentOnly = ['server', 'services_dir', 'join_token_file', 'admin', 'admin_allow_remote', 'admin_token_file', 'allow_remote_upstreams', 'hbone_port', 'drain', 'bind', 'node'];
+  const agentOnly = ['server', 'services_dir', 'join_token_file', 'admin', 'admin_allow_remote', 'admin_token_file', 'allow_remote_upstreams', 'hbone_port', 'drain', 'bind', 'node', 'transparent'];
   return agentOnly.some((k) => k in value) ? 'agent' : 'server';
 }

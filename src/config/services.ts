@@ -63,8 +63,18 @@ export interface ServiceDefinition {
   /** Where the inbound proxy forwards to: the application on this host. */
   localServiceAddress: string;
   localServicePort?: number;
-  /** `transparent` loads with a warning: it is not implemented yet, and the agent runs the service as `direct`. */
+  /**
+   * `transparent`: when the agent runs transparent mode, unmodified
+   * applications of this host that call a mesh name or address speak as
+   * this service (needed only when the host runs more than one service).
+   */
   mode: 'direct' | 'transparent';
+  /**
+   * `connect.inbound`: in transparent mode, plaintext clients outside the
+   * mesh calling the service's own port are refused (`strict`, the
+   * default) or carried and counted as unauthenticated (`permissive`).
+   */
+  inbound: 'strict' | 'permissive';
   upstreams: Upstream[];
   /**
    * `deregister_critical_service_after`, the smallest over the service's
@@ -111,7 +121,7 @@ const IGNORED_SIDECAR_FIELDS: Record<string, string> = {
 };
 const IGNORED_PROXY_FIELDS: Record<string, string> = {
   config: 'Envoy settings have no meaning for knit\'s proxy',
-  transparent_proxy: 'transparent mode is not implemented yet',
+  transparent_proxy: 'the capture ports are the agent\'s (transparent: in agent.yaml)',
   expose: 'paths are not exposed without mTLS',
   mesh_gateway: 'knit has no mesh gateways',
 };
@@ -195,6 +205,7 @@ const serviceSchema = {
       additionalProperties: false,
       properties: {
         native: { const: false, 'x-hint': 'must be false: connect-native applications are not supported (knit\'s agent is the proxy)' },
+        inbound: { enum: ['strict', 'permissive'] },
         sidecar_service: {
           type: 'object',
           additionalProperties: false,
@@ -458,7 +469,6 @@ function normaliseService(ctx: Ctx, raw: Raw, path: Path): ServiceDefinition {
   const proxyPath = [...sidecarPath, 'proxy'];
   warnIgnored(ctx, proxy, proxyPath, IGNORED_PROXY_FIELDS);
   const mode = str(proxy, 'mode') === 'transparent' ? 'transparent' : 'direct';
-  if (mode === 'transparent') problem(ctx, [...proxyPath, 'mode'], 'transparent mode is not implemented yet: the service runs in direct mode (applications reach upstreams on their local_bind_port)', true);
   const localServiceAddress = str(proxy, 'local_service_address') ?? '127.0.0.1';
   if (!isHostOrAddress(localServiceAddress)) problem(ctx, [...proxyPath, 'local_service_address'], `${JSON.stringify(localServiceAddress)} is neither an IP address nor a host name`);
   const upstreams = normaliseUpstreams(ctx, proxy, proxyPath, name);
@@ -476,6 +486,7 @@ function normaliseService(ctx: Ctx, raw: Raw, path: Path): ServiceDefinition {
     localServiceAddress,
     localServicePort: int(proxy, 'local_service_port') ?? int(raw, 'port'),
     mode,
+    inbound: connect.inbound === 'permissive' ? 'permissive' : 'strict',
     upstreams,
     ...(deregister.length ? { deregisterCriticalAfterMs: Math.min(...deregister) } : {}),
   };

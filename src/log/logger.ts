@@ -82,6 +82,10 @@ export const EVENTS = {
   logSuppressed: 'log.suppressed',
   tunnelOpened: 'hbone.tunnel_opened',
   tunnelClosed: 'hbone.tunnel_closed',
+  vipsChanged: 'vips.changed',
+  rulesInstalled: 'redirect.installed',
+  rulesRemoved: 'redirect.removed',
+  rulesFailed: 'redirect.failed',
 } as const;
 
 /** How log lines look; `auto` is pretty on a terminal, JSON lines elsewhere. */

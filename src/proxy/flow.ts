@@ -21,9 +21,11 @@ export interface FlowEnd {
 /**
  * Where the flow is, as this host sees it: `outbound` (an application here
  * opened it), `inbound` (it arrived over HBONE for a service here), `local`
- * (both ends here: the same-host path, no TLS, no tunnel).
+ * (both ends here: the same-host path, no TLS, no tunnel), `unauthenticated`
+ * (transparent mode: a plaintext client outside the mesh that a permissive
+ * service accepted; no identity, so intentions do not apply to it).
  */
-export type FlowSide = 'outbound' | 'inbound' | 'local';
+export type FlowSide = 'outbound' | 'inbound' | 'local' | 'unauthenticated';
 
 /** A flow as the admin API shows it. */
 export interface FlowView {
@@ -74,7 +76,7 @@ export class Flow {
 
   view(now = Date.now()): FlowView {
     // Bytes read from the application are what it sent; bytes written to it, what it received.
-    const outbound = this.side !== 'inbound';
+    const outbound = this.side === 'outbound' || this.side === 'local';
     return {
       id: this.id,
       side: this.side,
@@ -122,7 +124,7 @@ export class FlowTable {
   reauthorize(decide: (f: Flow) => Decision): Array<{ flow: Flow; decision: Decision }> {
     const closed: Array<{ flow: Flow; decision: Decision }> = [];
     for (const f of [...this.open]) {
-      if (f.side === 'outbound') continue;
+      if (f.side !== 'inbound' && f.side !== 'local') continue;
       const d = decide(f);
       if (d.allow) {
         f.rule = d.rule;

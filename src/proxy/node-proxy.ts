@@ -46,7 +46,8 @@ import { HbonePool, type DialedTunnel, type TunnelKey } from './hbone/pool.js';
 import { authorityOf, DEFAULT_HBONE_PORT, HBONE_ALPN, parseAuthority, REASON_HEADER, sniFor, STATUS } from './hbone/wire.js';
 import { identifyPeer } from './identify.js';
 import { ConnectionLimit, DEFAULT_MAX_HOST_CONNECTIONS, isOverLimit, tcpOptions, tuneSocket, type TcpOptions } from './limits.js';
-import type { OutlierOptions } from './route.js';
+import { Router, type OutlierOptions } from './route.js';
+import { CaptureListener, type OriginalDestination } from './accept/capture.js';
 import { X509Certificate } from 'node:crypto';
 
 /** Dials a local application; injectable for tests and for transparent mode. */
@@ -87,6 +88,33 @@ export interface LocalService {
   port: number;
   /** Where its application listens. */
   target?: { host: string; port: number };
+  /**
+   * Transparent mode, a client outside the mesh calling the service's own
+   * port: refused (`strict`, the default) or carried and counted as
+   * unauthenticated (`permissive`, while clients migrate).
+   */
+  inbound?: 'strict' | 'permissive';
+}
+
+/** Where an outbound connection goes: the service it speaks as, the service it wants, and that service's endpoints. */
+export interface OutboundRoute {
+  readonly source: string;
+  readonly destination: string;
+  readonly router: Router<Instance>;
+}
+
+/** What transparent mode needs from the agent: the mesh as the registry and the control plane see it. */
+export interface TransparentRouting {
+  /** The mesh service an original destination names (its virtual IP, or an instance's address:port). */
+  destination(address: string, port: number): { service: string; instance?: Instance } | undefined;
+  /** Routable instances of a mesh service. */
+  endpoints(service: string): Instance[];
+  /** The local service a captured outbound connection speaks as, or why there is none. */
+  source(app: Socket): { service: string } | { error: string };
+  /** A destination outside the mesh: connected to unchanged, or refused. */
+  outbound: 'passthrough' | 'deny';
+  /** A client outside the mesh reached a permissive service (for `knit check`). */
+  onUnauthenticated?(service: string, remote: string): void;
 }
 
 interface ServiceIdentity {
@@ -114,6 +142,8 @@ const M = {
   tunnels: ['knit_hbone_tunnels_total', 'HBONE tunnels (client side) opened and closed, by event and reason'],
   tunnelsOpen: ['knit_hbone_tunnels_open', 'HBONE tunnels open now, by side (client: this host dialled; server: another host did)'],
   handshake: ['knit_hbone_dials_total', 'HBONE tunnel dials, by result'],
+  captured: ['knit_captured_connections_total', 'Connections taken by transparent capture, by direction and what became of them (mesh, passthrough, denied_outside_mesh, unauthenticated, strict_refused, refused)'],
+  unauthenticated: ['knit_inbound_unauthenticated_total', 'Plaintext connections from clients outside the mesh that a permissive service accepted, by service'],
 } as const;
 
 /**
@@ -148,6 +178,9 @@ export class NodeProxy {
   private readonly namespace: string;
   private readonly localAddresses: Set<string>;
   private port = 0;
+  private readonly captures: CaptureListener[] = [];
+  private routing: TransparentRouting | undefined;
+  private readonly captureRouters = new Map<string, Router<Instance>>();
   private trustBundle: string[] = [];
   private clientTunnels = 0;
 
@@ -273,6 +306,102 @@ export class NodeProxy {
     return this.pool.stats();
   }
 
+  // ---- transparent capture ---------------------------------------------------
+
+  /**
+   * Starts the capture listeners netfilter redirects to: outbound on
+   * loopback (REDIRECT in OUTPUT lands there), inbound on every address.
+   * Resolves with the two ports.
+   */
+  async startCapture(o: { outboundPort: number; inboundPort: number; routing: TransparentRouting }): Promise<{ outbound: number; inbound: number }> {
+    this.routing = o.routing;
+    const common = { tcp: this.tcp, hostLimit: this.hostLimit };
+    const refused = (direction: string) => (reason: string, remote: string): void => {
+      this.o.metrics.inc(M.captured[0], M.captured[1], { direction, result: 'refused' });
+      this.logLimit.warn(`${EVENTS.connRejected}|capture|${direction}|${reason.slice(0, 40)}`, { event: EVENTS.connRejected, direction, remote, reason }, `refused a connection on the ${direction} capture port from ${remote}: ${reason}`);
+    };
+    const out = new CaptureListener({ ...common, direction: 'outbound', hosts: ['127.0.0.1', '::1'], port: o.outboundPort, onConnection: (app, dst) => void this.capturedOutbound(app, dst), onRefused: refused('outbound') });
+    const inb = new CaptureListener({ ...common, direction: 'inbound', hosts: ['0.0.0.0', '::'], port: o.inboundPort, onConnection: (app, dst) => this.capturedInbound(app, dst), onRefused: refused('inbound') });
+    this.captures.push(out, inb);
+    const ports = { outbound: await out.start(), inbound: await inb.start() };
+    this.o.log.info({ event: EVENTS.listening, role: 'capture', ...ports }, `transparent capture listening: outbound ${ports.outbound}, inbound ${ports.inbound}`);
+    return ports;
+  }
+
+  /** A connection an unmodified application here opened to an address netfilter sent to the proxy. */
+  private async capturedOutbound(app: Socket, dst: OriginalDestination): Promise<void> {
+    const routing = this.routing!;
+    const target = routing.destination(dst.address, dst.port);
+    const where = authorityOf(dst.address, dst.port);
+    if (!target) {
+      if (routing.outbound === 'deny') {
+        this.o.metrics.inc(M.captured[0], M.captured[1], { direction: 'outbound', result: 'denied_outside_mesh' });
+        this.logLimit.warn(`${EVENTS.connDenied}|capture|outside`, { event: EVENTS.connDenied, destination: where, rule: 'transparent.outbound: deny' }, `denied ${app.remoteAddress ?? '?'} -> ${where}: not a mesh destination (rule transparent.outbound: deny)`);
+        return reset(app);
+      }
+      return this.passthrough(app, dst);
+    }
+    const who = routing.source(app);
+    if ('error' in who) {
+      this.o.metrics.inc(M.captured[0], M.captured[1], { direction: 'outbound', result: 'refused' });
+      this.logLimit.warn(`${EVENTS.connFailed}|capture|source`, { event: EVENTS.connFailed, destination: target.service, err: who.error }, `cannot carry a connection to ${target.service} (${where}): ${who.error}`);
+      return reset(app);
+    }
+    this.o.metrics.inc(M.captured[0], M.captured[1], { direction: 'outbound', result: 'mesh' });
+    let router = this.captureRouters.get(target.service);
+    if (!router) {
+      router = new Router<Instance>({ key: (i) => `${i.address}:${i.port}`, outlier: this.o.outlier, now: this.o.now, random: this.o.random });
+      this.captureRouters.set(target.service, router);
+    }
+    const eps = routing.endpoints(target.service);
+    if (eps !== router.endpoints && JSON.stringify(eps.map((e) => e.id)) !== JSON.stringify(router.endpoints.map((e) => e.id))) router.setEndpoints(eps);
+    // An application that dialled one instance's own address gets that instance, as it asked.
+    await this.outbound(app, { source: who.service, destination: target.service, router }, target.instance);
+  }
+
+  /** A destination outside the mesh, allowed to pass: the agent connects to it unchanged (its own uid is not redirected). */
+  private passthrough(app: Socket, dst: OriginalDestination): void {
+    this.o.metrics.inc(M.captured[0], M.captured[1], { direction: 'outbound', result: 'passthrough' });
+    const target = this.dialApp(dst.address, dst.port);
+    tuneSocket(target, this.tcp);
+    target.once('error', () => reset(app));
+    void splice(app, target, { idleTimeoutMs: this.tcp.idleTimeoutMs });
+  }
+
+  /** A client outside the mesh called a service here on its own port (redirected to the inbound capture). */
+  private capturedInbound(app: Socket, dst: OriginalDestination): void {
+    const remote = app.remoteAddress ?? '?';
+    const svc = [...this.services.values()].find((s) => s.port === dst.port && s.port > 0);
+    if (!svc?.target) {
+      this.o.metrics.inc(M.captured[0], M.captured[1], { direction: 'inbound', result: 'refused' });
+      this.logLimit.warn(`${EVENTS.connRejected}|capture|inbound|${dst.port}`, { event: EVENTS.connRejected, port: dst.port, remote }, `refused ${remote} -> port ${dst.port}: no mesh service here has that port`);
+      return reset(app);
+    }
+    if (svc.inbound !== 'permissive') {
+      const rule = `connect.inbound: strict (${svc.name})`;
+      this.o.metrics.inc(M.captured[0], M.captured[1], { direction: 'inbound', result: 'strict_refused' });
+      this.o.metrics.inc(M.decisions[0], M.decisions[1], { service: svc.name, source: 'unauthenticated', decision: 'deny', rule });
+      this.logLimit.warn(`${EVENTS.connDenied}|${svc.name}|strict`, { event: EVENTS.connDenied, service: svc.name, remote, rule }, `denied plaintext ${remote} -> ${svc.name}: ${rule}; mesh clients arrive over HBONE (set connect.inbound: permissive while clients migrate)`);
+      return reset(app);
+    }
+    this.o.metrics.inc(M.captured[0], M.captured[1], { direction: 'inbound', result: 'unauthenticated' });
+    this.o.metrics.inc(M.unauthenticated[0], M.unauthenticated[1], { service: svc.name });
+    this.routing?.onUnauthenticated?.(svc.name, remote);
+    this.logLimit.info(`${EVENTS.connAccepted}|${svc.name}|unauthenticated`, { event: EVENTS.connAccepted, service: svc.name, remote, unauthenticated: true }, `accepted plaintext ${remote} -> ${svc.name} (connect.inbound: permissive): a client outside the mesh`);
+    const target = this.dialApp(svc.target.host, svc.target.port);
+    tuneSocket(target, this.tcp);
+    const flow = this.flows.create('unauthenticated', { service: '', address: `${remote}:${app.remotePort ?? ''}` }, { service: svc.name, id: this.identities.get(svc.name)?.id.uri, address: authorityOf(dst.address, dst.port) }, app);
+    flow.rule = `connect.inbound: permissive (${svc.name})`;
+    const abort = new AbortController();
+    flow.onClose(() => {
+      reset(app);
+      reset(target);
+      abort.abort();
+    });
+    target.once('error', (err) => this.appUnreachable(svc.name, svc, err));
+    void splice(app, target, { idleTimeoutMs: this.tcp.idleTimeoutMs, signal: abort.signal }).then(() => this.flows.delete(flow));
+  }
+
   private decide(source: string, destination: string): Decision {
     const ev = this.o.policy();
     return ev ? ev.evaluate(source, destination) : NO_POLICY;
@@ -280,7 +409,7 @@ export class NodeProxy {
 
   // ---- outbound ------------------------------------------------------------
 
-  private async outbound(app: Socket, up: Upstream): Promise<void> {
+  private async outbound(app: Socket, up: OutboundRoute, pinned?: Instance): Promise<void> {
     const source = up.source;
     const me = this.identities.get(source);
     const flow = this.flows.create('outbound', { service: source, id: me?.id.uri, address: app.remoteAddress }, { service: up.destination }, app);
@@ -296,7 +425,7 @@ export class NodeProxy {
     let last = '';
     let lastIdentity = false;
     for (let i = 0; i < attempts; i++) {
-      const ep = up.router.pick(tried);
+      const ep = pinned ? (tried.size ? undefined : pinned) : up.router.pick(tried);
       if (!ep) break;
       const key = `${ep.address}:${ep.port}`;
       tried.add(key);
@@ -327,7 +456,7 @@ export class NodeProxy {
       this.o.metrics.inc(M.outbound[0], M.outbound[1], { service: source, upstream: up.destination, result: 'ok' });
       return this.forwardRemote(app, flow, up, ep, opened);
     }
-    if (up.router.endpoints.length === 0) return fail('no_endpoint', `no healthy instance of ${up.destination}`);
+    if (!pinned && up.router.endpoints.length === 0) return fail('no_endpoint', `no healthy instance of ${up.destination}`);
     // Named after the last failure: a server that proved the wrong identity is not "cannot reach".
     fail(lastIdentity ? 'identity' : 'connect_error', `cannot reach ${up.destination} after ${tried.size} endpoint(s): ${last}`, { attempts: tried.size });
   }
@@ -338,7 +467,7 @@ export class NodeProxy {
    * at a bounded rate, and fed to outlier detection, whose ejections are
    * counted and logged too.
    */
-  private endpointFailed(up: Upstream, ep: Instance, agent: string, e: Error): void {
+  private endpointFailed(up: OutboundRoute, ep: Instance, agent: string, e: Error): void {
     const labels = { service: up.source, upstream: up.destination };
     const endpoint = `${ep.address}:${ep.port}`;
     const kind = e instanceof IdentityRefused ? 'identity' : e instanceof DialError ? e.kind : 'error';
@@ -373,7 +502,7 @@ export class NodeProxy {
     return ep.node === this.o.node || (this.localAddresses.has(ep.address) && ep.hbonePort === this.port);
   }
 
-  private forwardRemote(app: Socket, flow: Flow, up: Upstream, ep: Instance, opened: { stream: ClientHttp2Stream; tunnel: string }): void {
+  private forwardRemote(app: Socket, flow: Flow, up: OutboundRoute, ep: Instance, opened: { stream: ClientHttp2Stream; tunnel: string }): void {
     const { stream } = opened;
     flow.tunnel = opened.tunnel;
     flow.destination.address = authorityOf(ep.address, ep.port);
@@ -397,7 +526,7 @@ export class NodeProxy {
   }
 
   /** Same host: decided here with both identities known, then handed to the local application. */
-  private local(app: Socket, flow: Flow, up: Upstream, ep: Instance): void {
+  private local(app: Socket, flow: Flow, up: OutboundRoute, ep: Instance): void {
     const svc = [...this.services.values()].find((s) => s.name === up.destination && s.port === ep.port);
     if (!svc?.target) {
       this.o.metrics.inc(M.outbound[0], M.outbound[1], { service: up.source, upstream: up.destination, result: 'no_endpoint' });
@@ -566,6 +695,7 @@ export class NodeProxy {
   /** Stops everything: upstream listeners (draining up to `drainMs`), tunnels, the HBONE listener. */
   async close(drainMs = 0): Promise<void> {
     await Promise.all([...this.upstreams].map((u) => u.close(drainMs)));
+    await Promise.all(this.captures.map((c) => c.close()));
     const deadline = Date.now() + drainMs;
     while (this.flows.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
     this.flows.closeWhere(() => true, 'agent stopping');

@@ -27,6 +27,8 @@ import { EVENTS, type Logger } from '../log/logger.js';
 import type { CertSigner } from '../identity/leaf.js';
 import { NodeStore } from './nodes.js';
 import { JoinTokens } from './tokens.js';
+import { VipStore } from './vips.js';
+import { DEFAULT_VIP_RANGE } from '../proxy/transparent/vips.js';
 
 export interface ControlPlaneOptions {
   dataDir: string;
@@ -39,6 +41,8 @@ export interface ControlPlaneOptions {
   initialDefault: Action;
   leafTtlMs?: number;
   namespace?: string;
+  /** Where transparent mode's virtual IPs come from (240.240.0.0/16). */
+  vipRange?: string;
   log: Logger;
   now?: () => Date;
 }
@@ -87,6 +91,7 @@ export class ControlPlane {
   readonly intentions: IntentionStore;
   readonly nodes: NodeStore;
   readonly tokens: JoinTokens;
+  readonly vips: VipStore;
 
   private constructor(
     readonly ca: CertificateAuthority,
@@ -101,6 +106,7 @@ export class ControlPlane {
     this.intentions = new IntentionStore(this.kv);
     this.nodes = new NodeStore(this.kv, now);
     this.tokens = new JoinTokens(this.kv, () => ca.rootPem, now);
+    this.vips = new VipStore(this.kv, o.vipRange ?? DEFAULT_VIP_RANGE);
   }
 
   get trustDomain(): string {
@@ -146,7 +152,10 @@ export class ControlPlane {
     return [this.ca.rootPem];
   }
 
-  private signFor(service: string, csrPem: string): Promise<SignedLeaf> {
+  private async signFor(service: string, csrPem: string): Promise<SignedLeaf> {
+    // Every service that carries mesh traffic gets its virtual IP with its first certificate. A registry
+    // hiccup here costs only the name (retried at the next signing), never the certificate.
+    await this.vips.ensure(service).catch((e: Error) => this.o.log.warn({ event: EVENTS.registryError, service, err: e.message }, `no virtual IP for ${service} yet: ${e.message}`));
     return this.ca.signCsr(csrPem, serviceId(this.trustDomain, service, this.o.namespace), { ttlMs: this.o.leafTtlMs ?? DEFAULT_LEAF_TTL_MS });
   }
 
