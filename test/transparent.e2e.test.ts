@@ -42,6 +42,8 @@ let cliEnv: NodeJS.ProcessEnv;
 let fleet: FleetAgents;
 const apps: ChildProcess[] = [];
 const addr = (h: string): string => net.hosts[h]!.address;
+/** Each host's IPv6 address on the bridge's link (fd00:231:82::<last octet of its IPv4 address>). */
+const v6 = (h: string): string => `fd00:231:82::${net.hosts[h]!.address.split('.')[3]}`;
 
 interface ClientResult {
   ok?: boolean;
@@ -90,6 +92,7 @@ describe('transparent mode: unmodified applications through the mesh, with real 
     for (const h of Object.values(net.hosts)) {
       // A host's default route (as every VM has): without any route to the virtual IPs, connect() fails before netfilter sees it.
       execFileSync('ip', ['-n', h.ns, 'route', 'add', 'default', 'via', net.bridgeAddress]);
+      execFileSync('ip', ['-n', h.ns, '-6', 'addr', 'add', `${v6(h.name)}/64`, 'dev', h.device, 'nodad']);
       await mkdir(`/etc/netns/${h.ns}`, { recursive: true });
       await writeFile(`/etc/netns/${h.ns}/resolv.conf`, `nameserver ${net.bridgeAddress}\n`);
     }
@@ -204,6 +207,14 @@ describe('transparent mode: unmodified applications through the mesh, with real 
     assert.equal((await client('a', 'get', 'http://api.knit:9001/')).ok, false, 'new connections are denied');
     assert.equal((await knit(['intention', 'apply', '-f', join(dir, 'allow.yaml')], cliEnv)).code, 0);
     await until('allowed again', async () => (await client('a', 'get', 'http://api.knit:9001/')).ok === true, 15_000, 250);
+  });
+
+  test('IPv6: the inbound capture carries a permissive service and refuses a strict one; outbound: deny refuses IPv6 outside the mesh', async () => {
+    await until('B reachable over IPv6', async () => (await client('c', 'get', `http://[${v6('b')}]:22/`)).body === `ssh-b saw ${v6('c')}`, 10_000, 200);
+    assert.equal((await client('c', 'get', `http://[${v6('b')}]:9002/`)).body, 'legacy saw 127.0.0.1', 'permissive over IPv6: carried by B\'s agent');
+    assert.equal((await client('c', 'get', `http://[${v6('b')}]:9001/`)).ok, false, 'strict over IPv6: refused');
+    assert.equal((await client('a', 'get', `http://[${v6('b')}]:8080/`)).ok, false, 'A refuses IPv6 outside the mesh (outbound: deny)');
+    assert.equal((await client('a', 'get', `http://[${v6('b')}]:8080/`, true)).body, `other-b saw ${v6('a')}`, 'the agent\'s uid is not captured over IPv6 either');
   });
 
   test('SIGKILL of B\'s agent leaves SSH and non-mesh traffic working and mesh ports closed; a restart restores; a clean stop removes the rules', async () => {

@@ -15,7 +15,9 @@ if (mode === 'lookup') {
   dns.lookup(arg, { family: 4 }).then((r) => out({ address: r.address }), (e) => out({ err: e.code ?? e.message }));
 } else if (mode === 'get' || mode === 'hold') {
   const agent = new http.Agent({ keepAlive: mode === 'hold' });
-  const req = http.get(arg, { agent, timeout: 8000, family: 4 }, (res) => {
+  // Names resolve to IPv4 (the virtual IPs are IPv4); an IPv6 literal is dialled as it is.
+  const v6 = new URL(arg).hostname.startsWith('[');
+  const req = http.get(arg, { agent, timeout: 8000, ...(v6 ? {} : { family: 4 }) }, (res) => {
     let body = '';
     res.on('data', (d) => (body += d));
     res.on('end', () => {

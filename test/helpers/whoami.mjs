@@ -7,7 +7,8 @@ const name = process.env.NAME ?? 'app';
 const port = Number(process.env.PORT ?? 8080);
 const server = http.createServer((req, res) => {
   res.setHeader('content-type', 'text/plain');
-  res.end(`${name} saw ${req.socket.remoteAddress}\n`);
+  // Listening on both families: an IPv4 peer shows as ::ffff:a.b.c.d, reported as a.b.c.d.
+  res.end(`${name} saw ${req.socket.remoteAddress?.replace(/^::ffff:(?=\d+\.)/, '')}\n`);
 });
 server.keepAliveTimeout = 600_000;
-server.listen(port, process.env.HOST ?? '0.0.0.0', () => console.log('listening'));
+server.listen(port, process.env.HOST ?? '::', () => console.log('listening'));
