@@ -10,19 +10,28 @@ import { dirname } from 'node:path';
 export async function writeFileAtomic(path: string, data: string, mode = 0o600): Promise<void> {
   await mkdir(dirname(path), { recursive: true });
   const tmp = `${path}.tmp-${process.pid}`;
-  const fh = await open(tmp, 'w', mode);
+  await writeSynced(tmp, data, mode, 'w');
+  await rename(tmp, path);
+  await fsyncPath(dirname(path));
+}
+
+/** Writes `data` to `path` and fsyncs it before closing (`wx`, the default: the file must be new). */
+export async function writeSynced(path: string, data: string, mode: number, flags: 'w' | 'wx' = 'wx'): Promise<void> {
+  const fh = await open(path, flags, mode);
   try {
     await fh.writeFile(data);
     await fh.sync();
   } finally {
     await fh.close();
   }
-  await rename(tmp, path);
-  const dir = await open(dirname(path), 'r');
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
-  }
 }
 
+/** fsyncs a file or a directory (a directory: so that a rename or a new entry in it survives a crash). */
+export async function fsyncPath(path: string): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}

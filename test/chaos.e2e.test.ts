@@ -33,6 +33,7 @@ import { makeNet, netnsUnavailable, type TestNet } from './helpers/netns.js';
 import { ensureZooKeeper, startZooKeeper, type ZkCluster } from './helpers/zookeeper.js';
 import { FleetAgents } from './helpers/fleet.js';
 import { until } from './helpers/wait.js';
+import { prng } from './helpers/prng.js';
 
 const missing = netnsUnavailable() ?? ensureZooKeeper();
 const SECONDS = Number(process.env.KNIT_CHAOS_SECONDS ?? 40);
@@ -57,18 +58,6 @@ const lines: Record<string, string[]> = {};
 /** Fault windows per host: [from, to] (to undefined while the fault lasts). */
 const windows: Record<Host, Array<[number, number | undefined]>> = { a: [], b: [], c: [] };
 const log: string[] = [];
-
-/** mulberry32: the same faults for the same seed. */
-function prng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const faulted = (h: Host, t: number): boolean => windows[h].some(([from, to]) => t >= from && (to === undefined || t <= to + SETTLE_MS));
 

@@ -26,9 +26,9 @@
  * mismatched identity is absent (it gets issued again), never a crash.
  */
 import { X509Certificate, createPrivateKey, randomBytes } from 'node:crypto';
-import { lstat, mkdir, open, readFile, readdir, readlink, rename, rm, symlink } from 'node:fs/promises';
+import { lstat, mkdir, readFile, readdir, readlink, rename, rm, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { writeFileAtomic } from '../files.js';
+import { fsyncPath, writeFileAtomic, writeSynced } from '../files.js';
 import { certInfo, splitPem, type CertInfo } from '../identity/x509.js';
 import type { ServiceTls } from '../identity/tls.js';
 
@@ -129,25 +129,6 @@ export type WriteStep = (typeof WRITE_STEPS)[number];
 export interface WriteHooks {
   /** Runs after each step, and is awaited: a test can pause or kill the writer there. */
   afterStep?: (step: WriteStep) => void | Promise<void>;
-}
-
-async function fsyncPath(path: string): Promise<void> {
-  const fh = await open(path, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-async function writeSynced(path: string, data: string, mode: number): Promise<void> {
-  const fh = await open(path, 'wx', mode);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 /** Points `name` in `dir` at `target` by renaming a new symlink over it: atomic, whatever was there. */

@@ -34,6 +34,7 @@ const RULES_DEBOUNCE_MS = 200;
 /** Unauthenticated callers remembered per permissive service, for `knit check`. */
 const MAX_CALLERS = 64;
 const HOUR_MS = 3_600_000;
+const NONE: readonly Instance[] = Object.freeze([]);
 
 /** Installs and removes the host's redirect rules (the netfilter module, or nothing when another tool owns them). */
 export interface RedirectRules {
@@ -111,8 +112,8 @@ class MeshView {
   }
 
   /** Routable instances of `service` (the same array until it changes). */
-  of(service: string): Instance[] {
-    return this.instances.get(service) ?? [];
+  of(service: string): readonly Instance[] {
+    return this.instances.get(service) ?? NONE;
   }
 
   /** Node records changed: what is routable may have. */
@@ -120,10 +121,10 @@ class MeshView {
     void this.poll();
   }
 
-  /** Every routable instance's address:port, and the service and instance it names. */
+  /** Every routable instance by `<canonical address>|<port>` (see `endpointKey`). */
   byAddress(): Map<string, Instance> {
     const out = new Map<string, Instance>();
-    for (const list of this.instances.values()) for (const i of list) if (i.port) out.set(`${i.address}|${i.port}`, i);
+    for (const list of this.instances.values()) for (const i of list) if (i.port) out.set(endpointKey(i.address, i.port), i);
     return out;
   }
 
@@ -166,10 +167,9 @@ export class TransparentMode {
   private routing(): TransparentRouting {
     return {
       destination: (address, port) => {
-        const canon = canonical(address);
-        const svc = this.byVip.get(canon);
+        const svc = this.byVip.get(canonical(address));
         if (svc) return { service: svc };
-        const inst = this.index.get(`${canon}|${port}`) ?? this.index.get(`${address}|${port}`);
+        const inst = this.index.get(endpointKey(address, port));
         return inst ? { service: inst.service, instance: inst } : undefined;
       },
       endpoints: (service) => this.view.of(service),
@@ -186,9 +186,10 @@ export class TransparentMode {
    * lend one service's identity to another's process.
    */
   private sourceOf(_app: Socket): { service: string } | { error: string } {
-    const names = [...new Set(this.o.local().map((d) => d.name))];
+    const local = this.o.local();
+    const names = [...new Set(local.map((d) => d.name))];
     if (names.length === 1) return { service: names[0]! };
-    const marked = [...new Set(this.o.local().filter((d) => d.mode === 'transparent').map((d) => d.name))];
+    const marked = [...new Set(local.filter((d) => d.mode === 'transparent').map((d) => d.name))];
     if (marked.length === 1) return { service: marked[0]! };
     if (names.length === 0) return { error: 'this host runs no mesh service to speak as' };
     return { error: `this host runs ${names.length} services (${names.join(', ')}) and ${marked.length ? `${marked.length} are` : 'none is'} marked connect.sidecar_service.proxy.mode: transparent; mark exactly the one unmodified applications here speak as` };
@@ -243,20 +244,19 @@ export class TransparentMode {
       upstreams = upstreamsFromResolvConf(await readResolvConf(resolvPath));
     };
     await refreshUpstreams().catch((e: Error) => this.o.log.warn({ event: EVENTS.registryError, err: e.message }, `cannot read ${resolvPath}: names outside the mesh will not resolve (${e.message})`));
-    this.dns = new MeshDns({
+    const dns = (hosts: string[]): MeshDns => (this.dns = new MeshDns({
       lookup: (service) => this.vips.get(service),
       reverse: (ip) => this.byVip.get(canonical(ip)),
       vipRange: this.range,
       upstreams: () => upstreams,
-      hosts: s.dnsHosts ?? ['127.0.0.1', '::1'],
+      hosts,
       port: s.dnsPort,
       onQuery: (q) => this.o.metrics.inc('knit_dns_queries_total', 'DNS queries the agent answered, by how each ended (mesh, nxdomain, forwarded, servfail, formerr, ...)', { kind: q.kind }),
-    });
-    const dnsPort = await this.dns.start().catch(async (e: Error) => {
+    }));
+    const dnsPort = await dns(s.dnsHosts ?? ['127.0.0.1', '::1']).start().catch((e: Error) => {
       // No IPv6 loopback on this host: IPv4 alone.
       if (s.dnsHosts) throw e;
-      this.dns = new MeshDns({ lookup: (service) => this.vips.get(service), reverse: (ip) => this.byVip.get(canonical(ip)), vipRange: this.range, upstreams: () => upstreams, hosts: ['127.0.0.1'], port: s.dnsPort });
-      return this.dns.start();
+      return dns(['127.0.0.1']).start();
     });
     this.o.log.info({ event: EVENTS.listening, role: 'dns', port: dnsPort }, `DNS for mesh names on 127.0.0.1:${dnsPort} (<service>.knit, <service>.service.consul)`);
     if (this.o.redirect) await this.applyRules();
@@ -360,6 +360,9 @@ export class TransparentMode {
     await this.dns?.close();
   }
 }
+
+/** The index key of an address and port: registry and kernel may spell one address differently. */
+const endpointKey = (address: string, port: number): string => `${canonical(address)}|${port}`;
 
 /** One spelling per address (IPv6 compressed, IPv4-mapped IPv6 as IPv4), so lookups match. */
 function canonical(address: string): string {

@@ -133,3 +133,21 @@ export class ConnectionLimit {
 export function isOverLimit(r: Lease | OverLimit): r is OverLimit {
   return 'scope' in r;
 }
+
+/** The refusal every limit gives, for logs and HBONE reason headers. */
+export function overLimitReason(o: OverLimit): string {
+  return `${o.scope} connection limit (${o.max}) reached`;
+}
+
+/**
+ * The admission every listener applies to a socket it accepted: a slot of
+ * `limit` (given back when the socket closes) and the socket options. The
+ * refusal is returned, not acted on: the caller counts, logs and resets.
+ */
+export function admitSocket(s: Socket, limit: ConnectionLimit, tcp: TcpOptions): { admitted: true } | { admitted: false; refusal: OverLimit; reason: string } {
+  const lease = limit.acquire();
+  if (isOverLimit(lease)) return { admitted: false, refusal: lease, reason: overLimitReason(lease) };
+  s.once('close', () => lease.release());
+  tuneSocket(s, tcp);
+  return { admitted: true };
+}

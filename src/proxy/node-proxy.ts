@@ -45,7 +45,7 @@ import { cancel, spliceStream } from './forward/stream.js';
 import { HbonePool, type DialedTunnel, type TunnelKey } from './hbone/pool.js';
 import { authorityOf, DEFAULT_HBONE_PORT, HBONE_ALPN, parseAuthority, REASON_HEADER, sniFor, STATUS } from './hbone/wire.js';
 import { identifyPeer } from './identify.js';
-import { ConnectionLimit, DEFAULT_MAX_HOST_CONNECTIONS, isOverLimit, tcpOptions, tuneSocket, type TcpOptions } from './limits.js';
+import { ConnectionLimit, DEFAULT_MAX_HOST_CONNECTIONS, isOverLimit, overLimitReason, tcpOptions, tuneSocket, type TcpOptions } from './limits.js';
 import { Router, type OutlierOptions } from './route.js';
 import { CaptureListener, type OriginalDestination } from './accept/capture.js';
 import { X509Certificate } from 'node:crypto';
@@ -107,8 +107,8 @@ export interface OutboundRoute {
 export interface TransparentRouting {
   /** The mesh service an original destination names (its virtual IP, or an instance's address:port). */
   destination(address: string, port: number): { service: string; instance?: Instance } | undefined;
-  /** Routable instances of a mesh service. */
-  endpoints(service: string): Instance[];
+  /** Routable instances of a mesh service: the same array until they change. */
+  endpoints(service: string): readonly Instance[];
   /** The local service a captured outbound connection speaks as, or why there is none. */
   source(app: Socket): { service: string } | { error: string };
   /** A destination outside the mesh: connected to unchanged, or refused. */
@@ -180,7 +180,8 @@ export class NodeProxy {
   private port = 0;
   private readonly captures: CaptureListener[] = [];
   private routing: TransparentRouting | undefined;
-  private readonly captureRouters = new Map<string, Router<Instance>>();
+  /** Per destination service: its router and the endpoint list it was last given. */
+  private readonly captureRouters = new Map<string, { router: Router<Instance>; from: readonly Instance[] }>();
   private trustBundle: string[] = [];
   private clientTunnels = 0;
 
@@ -348,15 +349,19 @@ export class NodeProxy {
       return reset(app);
     }
     this.o.metrics.inc(M.captured[0], M.captured[1], { direction: 'outbound', result: 'mesh' });
-    let router = this.captureRouters.get(target.service);
-    if (!router) {
-      router = new Router<Instance>({ key: (i) => `${i.address}:${i.port}`, outlier: this.o.outlier, now: this.o.now, random: this.o.random });
-      this.captureRouters.set(target.service, router);
+    let cr = this.captureRouters.get(target.service);
+    if (!cr) {
+      cr = { router: new Router<Instance>({ key: (i) => `${i.address}:${i.port}`, outlier: this.o.outlier, now: this.o.now, random: this.o.random }), from: [] };
+      this.captureRouters.set(target.service, cr);
     }
+    // The agent hands out the same array until the registry changes it: only then is the router told.
     const eps = routing.endpoints(target.service);
-    if (eps !== router.endpoints && JSON.stringify(eps.map((e) => e.id)) !== JSON.stringify(router.endpoints.map((e) => e.id))) router.setEndpoints(eps);
+    if (eps !== cr.from) {
+      cr.router.setEndpoints(eps);
+      cr.from = eps;
+    }
     // An application that dialled one instance's own address gets that instance, as it asked.
-    await this.outbound(app, { source: who.service, destination: target.service, router }, target.instance);
+    await this.outbound(app, { source: who.service, destination: target.service, router: cr.router }, target.instance);
   }
 
   /** A destination outside the mesh, allowed to pass: the agent connects to it unchanged (its own uid is not redirected). */
@@ -388,10 +393,20 @@ export class NodeProxy {
     this.o.metrics.inc(M.unauthenticated[0], M.unauthenticated[1], { service: svc.name });
     this.routing?.onUnauthenticated?.(svc.name, remote);
     this.logLimit.info(`${EVENTS.connAccepted}|${svc.name}|unauthenticated`, { event: EVENTS.connAccepted, service: svc.name, remote, unauthenticated: true }, `accepted plaintext ${remote} -> ${svc.name} (connect.inbound: permissive): a client outside the mesh`);
-    const target = this.dialApp(svc.target.host, svc.target.port);
-    tuneSocket(target, this.tcp);
     const flow = this.flows.create('unauthenticated', { service: '', address: `${remote}:${app.remotePort ?? ''}` }, { service: svc.name, id: this.identities.get(svc.name)?.id.uri, address: authorityOf(dst.address, dst.port) }, app);
     flow.rule = `connect.inbound: permissive (${svc.name})`;
+    this.toLocalApp(app, flow, svc, svc.target, () => this.flows.delete(flow));
+  }
+
+  /**
+   * Hands an application connection to the local application of `svc`
+   * at `to` (the same-host path, a permissive plaintext client): a second socket,
+   * tuned like the first, reset with it when the flow is closed; `ended`
+   * gets how the pair ended. Returns the socket to the application.
+   */
+  private toLocalApp(app: Socket, flow: Flow, svc: LocalService, to: { host: string; port: number }, ended: (end: string) => void): Socket {
+    const target = this.dialApp(to.host, to.port);
+    tuneSocket(target, this.tcp);
     const abort = new AbortController();
     flow.onClose(() => {
       reset(app);
@@ -399,7 +414,8 @@ export class NodeProxy {
       abort.abort();
     });
     target.once('error', (err) => this.appUnreachable(svc.name, svc, err));
-    void splice(app, target, { idleTimeoutMs: this.tcp.idleTimeoutMs, signal: abort.signal }).then(() => this.flows.delete(flow));
+    void splice(app, target, { idleTimeoutMs: this.tcp.idleTimeoutMs, signal: abort.signal }).then((r) => ended(r.end));
+    return target;
   }
 
   private decide(source: string, destination: string): Decision {
@@ -536,7 +552,7 @@ export class NodeProxy {
     // The connection to the application is a second socket on this host: it takes its own host slot.
     const lease = this.hostLimit.acquire();
     if (isOverLimit(lease)) {
-      const reason = `${lease.scope} connection limit (${lease.max}) reached`;
+      const reason = overLimitReason(lease);
       this.o.metrics.inc(M.outbound[0], M.outbound[1], { service: up.source, upstream: up.destination, result: 'over_limit' });
       this.logLimit.warn(`${EVENTS.connOverLimit}|${up.source}|${reason}`, { event: EVENTS.connOverLimit, service: up.source, upstream: up.destination, reason }, `refusing a same-host connection ${up.source} -> ${up.destination}: ${reason}`);
       this.flows.delete(flow);
@@ -557,17 +573,8 @@ export class NodeProxy {
     this.o.metrics.inc(M.outbound[0], M.outbound[1], { service: up.source, upstream: up.destination, result: 'ok' });
     const labels = { reporter: 'source', source_service: up.source, destination_service: up.destination };
     this.o.metrics.inc(M.opened[0], M.opened[1], { ...labels, path: 'local' });
-    const target = this.dialApp(svc.target.host, svc.target.port);
+    const target = this.toLocalApp(app, f, svc, svc.target, (end) => this.ended(f, labels, end));
     target.once('close', () => lease.release());
-    tuneSocket(target, this.tcp);
-    const abort = new AbortController();
-    f.onClose(() => {
-      reset(app);
-      reset(target);
-      abort.abort();
-    });
-    target.once('error', (err) => this.appUnreachable(up.destination, svc, err));
-    void splice(app, target, { idleTimeoutMs: this.tcp.idleTimeoutMs, signal: abort.signal }).then((r) => this.ended(f, labels, r.end));
   }
 
   // ---- inbound -------------------------------------------------------------
@@ -596,7 +603,7 @@ export class NodeProxy {
     // as every application connection knit holds does (a tunnel's one TCP connection carries up to
     // maxStreams of them, so the tunnel's own slot does not bound them).
     const lease = this.hostLimit.acquire();
-    if (isOverLimit(lease)) return this.refuseStream(stream, STATUS.unavailable, `${lease.scope} connection limit (${lease.max}) reached`, origin);
+    if (isOverLimit(lease)) return this.refuseStream(stream, STATUS.unavailable, overLimitReason(lease), origin);
     const d = this.decide(origin.peerService, svc.name);
     this.countDecision(origin.peerService, svc.name, d, 'hbone');
     if (!d.allow) {

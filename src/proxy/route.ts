@@ -92,7 +92,7 @@ export class Router<E> {
    * state (an update from the registry does not pardon a black hole);
    * the ones that left are forgotten. Round-robin restarts at random.
    */
-  setEndpoints(list: E[]): void {
+  setEndpoints(list: readonly E[]): void {
     this.list = [...list];
     const keep = new Set(list.map(this.opts.key));
     for (const k of [...this.state.keys()]) if (!keep.has(k)) this.state.delete(k);

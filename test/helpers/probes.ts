@@ -15,6 +15,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import assert from 'node:assert/strict';
+import { prng } from './prng.js';
 
 /** Where to probe; `tls` makes it HTTPS (the certificate is not checked), an object adds client options. */
 export interface ProbeTarget {
@@ -54,18 +55,6 @@ export interface Probe {
   end?: boolean;
   /** Sent in clear even to a TLS target: probes the TLS layer itself. */
   plain?: boolean;
-}
-
-/** A small seeded PRNG (mulberry32): the same garbage every run, so a failure reproduces. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 const KiB = 1024;

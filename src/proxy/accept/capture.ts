@@ -12,7 +12,7 @@ import net, { type Socket } from 'node:net';
 import { once } from 'node:events';
 import { KnitError } from '../../errors.js';
 import { reset } from '../forward/splice.js';
-import { ConnectionLimit, isOverLimit, tuneSocket, type TcpOptions } from '../limits.js';
+import { admitSocket, type ConnectionLimit, type TcpOptions } from '../limits.js';
 import { notRedirected, originalDestination } from '../transparent/original-dst.js';
 
 /** Where a captured connection was headed. */
@@ -83,17 +83,13 @@ export class CaptureListener {
       this.o.onRefused(`not redirected: connected to the ${this.o.direction} capture port itself`, remote);
       return reset(app);
     }
-    const lease = this.o.hostLimit.acquire();
-    if (isOverLimit(lease)) {
-      this.o.onRefused(`${lease.scope} connection limit (${lease.max}) reached`, remote);
+    const a = admitSocket(app, this.o.hostLimit, this.o.tcp);
+    if (!a.admitted) {
+      this.o.onRefused(a.reason, remote);
       return reset(app);
     }
     this.open.add(app);
-    app.once('close', () => {
-      lease.release();
-      this.open.delete(app);
-    });
-    tuneSocket(app, this.o.tcp);
+    app.once('close', () => this.open.delete(app));
     this.o.onConnection(app, dst);
   }
 

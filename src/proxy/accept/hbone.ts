@@ -22,7 +22,7 @@ import { PeerIdentityReader } from '../../identity/peer.js';
 import type { SpiffeId } from '../../identity/spiffe.js';
 import { identifyPeer } from '../identify.js';
 import { reset } from '../forward/splice.js';
-import { ConnectionLimit, isOverLimit, tuneSocket, type TcpOptions } from '../limits.js';
+import { admitSocket, type ConnectionLimit, type TcpOptions } from '../limits.js';
 import { CONNECTION_WINDOW, DEFAULT_MAX_STREAMS, H2_SETTINGS, HBONE_ALPN, parseSni } from '../hbone/wire.js';
 
 /** What the connection a stream arrived on proved. */
@@ -154,14 +154,12 @@ export class HboneServer {
 
   private admit(raw: Socket): void {
     raw.on('error', () => undefined);
-    const lease = this.o.limit.acquire();
-    if (isOverLimit(lease)) {
-      this.o.onRefused(`${lease.scope} connection limit (${lease.max}) reached`, `${raw.remoteAddress}:${raw.remotePort}`, '', { limit: lease.scope }, '');
+    const a = admitSocket(raw, this.o.limit, this.o.tcp);
+    if (!a.admitted) {
+      this.o.onRefused(a.reason, `${raw.remoteAddress}:${raw.remotePort}`, '', { limit: a.refusal.scope }, '');
       reset(raw);
       return;
     }
-    raw.once('close', () => lease.release());
-    tuneSocket(raw, this.o.tcp);
     this.tlsServer.emit('connection', raw);
   }
 

@@ -11,7 +11,7 @@ import { once } from 'node:events';
 import { KnitError } from '../../errors.js';
 import type { Instance } from '../../registry/registry.js';
 import { reset } from '../forward/splice.js';
-import { ConnectionLimit, isOverLimit, tuneSocket, DEFAULT_MAX_CONNECTIONS, type TcpOptions } from '../limits.js';
+import { admitSocket, ConnectionLimit, DEFAULT_MAX_CONNECTIONS, type TcpOptions } from '../limits.js';
 import { Router, type OutlierOptions } from '../route.js';
 
 export interface UpstreamOptions {
@@ -85,18 +85,14 @@ export class Upstream {
 
   private admit(app: Socket): void {
     app.on('error', () => undefined);
-    const lease = this.limit.acquire();
-    if (isOverLimit(lease)) {
-      this.o.onRefused(`${lease.scope} connection limit (${lease.max}) reached`, app, this);
+    const a = admitSocket(app, this.limit, this.o.tcp);
+    if (!a.admitted) {
+      this.o.onRefused(a.reason, app, this);
       reset(app);
       return;
     }
     this.open.add(app);
-    app.once('close', () => {
-      lease.release();
-      this.open.delete(app);
-    });
-    tuneSocket(app, this.o.tcp);
+    app.once('close', () => this.open.delete(app));
     this.o.onConnection(app, this);
   }
 
