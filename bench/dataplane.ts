@@ -30,7 +30,7 @@
  * runs with much of it are not worth comparing. The header says whether knit
  * ran compiled (dist/) or from src/ through tsx, which costs memory.
  *
- * Usage: npm run bench [-- --quick] [--rounds N] [--seconds N] [--profile] [--knit-root DIR] [--out FILE]
+ * Usage: npm run bench [-- --quick] [--rounds N] [--seconds N] [--only W,...] [--node-flags F] [--profile] [--knit-root DIR] [--out FILE]
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
@@ -50,6 +50,9 @@ const USAGE = `usage: npm run bench [-- OPTIONS]
   --quick            one round of 3 s runs (about 1.5 minutes in all)
   --rounds N         rounds (default 3; medians over them)
   --seconds N        seconds per run (default 5)
+  --only W,...       only these workloads (keepalive_c1, keepalive_c16, keepalive_c64, new_conns_c16, bulk_c1), for
+                     studying one figure; the idle figure is always taken
+  --node-flags=F     extra node flags for every knit process (e.g. --node-flags=--max-semi-space-size=4), to compare tunings
   --profile          run the knit agents under node --cpu-prof and print their top 15 self-time functions
   --knit-root DIR    the knit checkout to run (default: this repository)
   --out FILE         results JSON (default bench/results/latest.json)`;
@@ -70,13 +73,26 @@ const WORKLOADS: Workload[] = [
 ];
 const ORDER: PathKey[] = ['direct', 'haproxy', 'knit_agents', 'knit_dev'];
 
-function options(): { rounds: number; seconds: number; warmup: number; quick: boolean; profile: boolean; knitRoot: string; out: string } {
+interface Options {
+  rounds: number;
+  seconds: number;
+  warmup: number;
+  quick: boolean;
+  profile: boolean;
+  knitRoot: string;
+  out: string;
+  workloads: Workload[];
+  nodeFlags: string[];
+}
+
+function options(): Options {
   let v;
   try {
     v = parseArgs({
       options: {
         quick: { type: 'boolean', default: false }, profile: { type: 'boolean', default: false }, help: { type: 'boolean', default: false },
         rounds: { type: 'string' }, seconds: { type: 'string' }, 'knit-root': { type: 'string' }, out: { type: 'string' },
+        only: { type: 'string' }, 'node-flags': { type: 'string' },
       },
     }).values;
   } catch (e) {
@@ -97,7 +113,15 @@ function options(): { rounds: number; seconds: number; warmup: number; quick: bo
     return n;
   };
   const quick = v.quick;
+  const only = v.only?.split(',').map((w) => w.trim()).filter(Boolean);
+  const unknown = only?.filter((w) => !WORKLOADS.some((x) => x.key === w));
+  if (unknown?.length || (only && !only.length)) {
+    console.error(`--only ${v.only}: unknown workload ${unknown?.join(', ') || '(none given)'}\n${USAGE}`);
+    process.exit(2);
+  }
   return {
+    workloads: only ? WORKLOADS.filter((w) => only.includes(w.key)) : WORKLOADS,
+    nodeFlags: v['node-flags']?.split(/\s+/).filter(Boolean) ?? [],
     quick,
     profile: v.profile,
     rounds: int('rounds', v.rounds, quick ? 1 : 3),
@@ -190,7 +214,8 @@ async function main(): Promise<void> {
     const log = (m: string): void => console.log(m);
     const setup: Setup = {
       procs, dir, serverCpus, controlCpus: loadCpus, knitRoot: opt.knitRoot, log,
-      agentNodeFlags: (agent) => (opt.profile ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, agent)}`] : []),
+      agentNodeFlags: (agent) => [...opt.nodeFlags, ...(opt.profile ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, agent)}`] : [])],
+      nodeFlags: opt.nodeFlags,
     };
     if (opt.profile) mkdirSync(profileDir, { recursive: true });
     log(`knit data-plane benchmark: ${opt.rounds} round(s) of ${opt.seconds} s runs; wrk on CPU ${loadCpus}, app + proxies on CPU ${serverCpus}; knit from ${opt.knitRoot}`);
@@ -299,7 +324,7 @@ async function main(): Promise<void> {
     const windowFrom = monotonicUs();
     for (let round = 0; round < opt.rounds; round++) {
       const rotated = order.map((_, i) => order[(i + round) % order.length]!);
-      for (const w of WORKLOADS) {
+      for (const w of opt.workloads) {
         for (const k of rotated) {
           const s = await measure(byKey.get(k)!, w);
           if (aborting) throw new Error('interrupted');
@@ -357,7 +382,7 @@ async function main(): Promise<void> {
     const result = {
       schema: 1,
       date: new Date().toISOString(),
-      options: { quick: opt.quick, rounds: opt.rounds, seconds: opt.seconds, warmup_s: opt.warmup, profile: opt.profile, knit_root: opt.knitRoot },
+      options: { quick: opt.quick, rounds: opt.rounds, seconds: opt.seconds, warmup_s: opt.warmup, profile: opt.profile, knit_root: opt.knitRoot, workloads: opt.workloads.map((w) => w.key), node_flags: opt.nodeFlags },
       knit: { mode, commit: git(['rev-parse', 'HEAD']), uncommitted_files: git(['status', '--porcelain'])?.split('\n').filter(Boolean).length ?? null },
       machine: {
         cpus, cpu_model: os.cpus()[0]?.model ?? 'unknown', kernel: os.release(), mem_gb: Number((os.totalmem() / 1024 ** 3).toFixed(1)),

@@ -5,8 +5,9 @@
  * (~20 MB; the agent speaks node:https), jose (~9 MB; signed documents use
  * node:crypto), and @peculiar/x509 with reflect-metadata, tsyringe and its
  * ASN.1 packages (~20 MB; the agent reads certificates and makes CSRs with
- * node:crypto and identity/der.ts). The control plane and the CLI may load
- * them.
+ * node:crypto and identity/der.ts), and @opentelemetry/api (~6.5 MB, which
+ * prom-client's index pulls in for exemplars: log/prom.ts loads only the
+ * parts knit uses). The control plane and the CLI may load them.
  *
  * The agent module is loaded in a child process, through tsx (so the test
  * holds for the sources as they are, built or not), with
@@ -27,7 +28,7 @@ import { ROOT } from './helpers/knit.js';
 const RECORDER = pathToFileURL(join(ROOT, 'test', 'helpers', 'record-imports.mjs')).href;
 
 /** Packages the agent must not load, by name or scope. */
-const FORBIDDEN = [/^undici$/, /^jose$/, /^@peculiar\//, /^reflect-metadata$/, /^tsyringe$/, /^asn1js$/, /^pvtsutils$/];
+const FORBIDDEN = [/^undici$/, /^jose$/, /^@peculiar\//, /^reflect-metadata$/, /^tsyringe$/, /^asn1js$/, /^pvtsutils$/, /^@opentelemetry\//];
 
 /** The package a module path belongs to: `undici`, `@peculiar/x509`, ...; undefined outside node_modules. */
 function packageOf(pathOrUrl: string): string | undefined {
@@ -68,7 +69,7 @@ async function loadedBy(module: string): Promise<{ packages: Set<string>; own: S
 
 const forbidden = (packages: Set<string>): string[] => [...packages].filter((p) => FORBIDDEN.some((re) => re.test(p))).sort();
 
-test('the agent loads none of undici, jose, @peculiar/x509, reflect-metadata, tsyringe', async (t) => {
+test('the agent loads none of undici, jose, @peculiar/x509, reflect-metadata, tsyringe, @opentelemetry/api', async (t) => {
   const r = await loadedBy('src/app/agent.ts');
   const loader = new Set(['tsx', 'esbuild', 'get-tsconfig', 'resolve-pkg-maps']);
   t.diagnostic(`packages loaded by src/app/agent.ts: ${[...r.packages].filter((p) => !loader.has(p)).sort().join(' ')}`);

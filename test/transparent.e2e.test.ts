@@ -11,7 +11,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KNIT, ROOT, knit, start, freePort, type Proc } from './helpers/knit.js';
@@ -153,9 +153,14 @@ describe('transparent mode: unmodified applications through the mesh, with real 
     // On A's wire: TLS to B's HBONE port, never the request's plaintext.
     const pcap = join(dir, 'a.pcap');
     const dump = net.spawn('a', ['tcpdump', '-i', net.hosts.a!.device, '-U', '-w', pcap, 'tcp']);
-    await new Promise((r) => setTimeout(r, 1000));
+    // Capturing once it says so (on stderr), not after a guess: a loaded machine may take more than a second.
+    let said = '';
+    dump.stderr!.on('data', (d: Buffer) => (said += d.toString()));
+    await until('tcpdump listening', async () => /listening on/.test(said), 15_000, 50);
     const marker = `secret-${Date.now()}`;
     assert.equal((await client('a', 'get', `http://api.knit:9001/${marker}`)).ok, true);
+    // tcpdump writes what the kernel queued for it only as it reads it: an interrupt right after the request could drop it.
+    await until('tcpdump wrote the exchange', async () => ((await stat(pcap).catch(() => undefined))?.size ?? 0) > 200, 10_000, 50).catch(() => undefined);
     dump.kill('SIGINT');
     await new Promise((r) => dump.once('exit', r));
     const captured = await readFile(pcap);

@@ -52,6 +52,8 @@ export interface Setup {
   knitRoot: string;
   /** node flags of the `knit agent` processes (e.g. --cpu-prof ...), per agent name. */
   agentNodeFlags(agent: string): string[];
+  /** node flags of every knit process (`--node-flags`), agents and `knit dev` alike. */
+  nodeFlags: string[];
   log(msg: string): void;
 }
 
@@ -182,13 +184,11 @@ export async function startKnitDev(s: Setup, appPort: number): Promise<Path> {
   const files: Record<string, string> = { server: service('server', appPort), client: service('client', await freePort(), { to: 'server', port: upstreamPort }) };
   for (const d of ['dummy-a1', 'dummy-a2', 'dummy-b1', 'dummy-b2']) files[d] = service(d, await freePort());
   await writeServices(join(dir, 'services'), files);
-  const knit = join(s.knitRoot, 'bin', 'knit.mjs');
   // Mesh ports on any free port, with whichever flag this checkout's `knit dev` has (per-service inbound ports before HBONE, one HBONE port after).
   const help = await knitCli(s, ['dev', '--help'], {});
   const portFlags = ['--inbound-port-base', '--hbone-port'].filter((f) => help.includes(`${f} `)).flatMap((f) => [f, '0']);
-  const proc = s.procs.start('knit dev', s.serverCpus, process.execPath,
-    [knit, 'dev', '--config-dir', join(dir, 'services'), '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${await freePort()}`, ...portFlags],
-    { cwd: s.knitRoot, env: { ...process.env, KNIT_LOG_LEVEL: 'warn' } });
+  const proc = startKnit(s, 'knit dev', s.serverCpus, s.nodeFlags,
+    ['dev', '--config-dir', join(dir, 'services'), '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${await freePort()}`, ...portFlags], { KNIT_LOG_LEVEL: 'warn' });
   await proc.waitFor(/knit dev ready/, START_TIMEOUT_MS);
   const path: Path = {
     key: 'knit_dev', label: 'knit dev (one process)', url: `http://127.0.0.1:${upstreamPort}/`, proxies: [proc],
@@ -196,6 +196,17 @@ export async function startKnitDev(s: Setup, appPort: number): Promise<Path> {
   };
   await routable(path, START_TIMEOUT_MS / 2);
   return path;
+}
+
+/**
+ * A long-running `knit` process, started as an operator starts it: the
+ * `knit` executable (bin/knit.mjs through its `#!` line, with the node flags
+ * that line gives), not `node bin/knit.mjs`. Extra node flags (profiling,
+ * `--node-flags`) go in NODE_OPTIONS.
+ */
+function startKnit(s: Setup, name: string, cpus: string, nodeFlags: string[], args: string[], env: NodeJS.ProcessEnv = {}): Started {
+  const options = [process.env.NODE_OPTIONS ?? '', ...nodeFlags].join(' ').trim();
+  return s.procs.start(name, cpus, join(s.knitRoot, 'bin', 'knit.mjs'), args, { cwd: s.knitRoot, env: { ...process.env, ...env, ...(options ? { NODE_OPTIONS: options } : {}) } });
 }
 
 /** Runs a short `knit` CLI command against the control plane. */
@@ -246,14 +257,13 @@ async function writeAgentConfig(s: Setup, file: string, base: Record<string, str
  * services: its end of the pair and two dummies.
  */
 export async function startKnitAgents(s: Setup, appPort: number, zkConnect: string): Promise<{ path: Path; server: Started }> {
-  const knit = join(s.knitRoot, 'bin', 'knit.mjs');
   const dir = join(s.dir, 'agents');
   await mkdir(dir);
   const registry = `zk://${zkConnect}/knit-bench`;
   const serverPort = await freePort();
   await writeFile(join(dir, 'server.yaml'),
     `name: bench\ndata_dir: ${dir}/cp\nregistry: ${registry}\nlisten: 127.0.0.1:${serverPort}\nadvertise: [127.0.0.1]\ndefault_intention: allow\nlog_level: warn\n`);
-  const server = s.procs.start('knit server', s.controlCpus, process.execPath, [knit, 'server', '--config', join(dir, 'server.yaml')], { cwd: s.knitRoot });
+  const server = startKnit(s, 'knit server', s.controlCpus, [], ['server', '--config', join(dir, 'server.yaml')]);
   await server.waitFor(/knit server ready/, START_TIMEOUT_MS);
   const tokenFile = /operator token in ([^\s)]+)/.exec(server.output())?.[1] ?? join(dir, 'cp', 'operator.token');
   const caFile = join(dir, 'cp', 'ca', 'root.pem');
@@ -277,8 +287,7 @@ export async function startKnitAgents(s: Setup, appPort: number, zkConnect: stri
       join_token_file: `${ad}/join.token`, services_dir: `${ad}/services`, advertise: a.addr, bind: a.addr,
       admin: `127.0.0.1:${await freePort()}`, drain: '2s', log_level: 'warn',
     }, { inbound_port_base: 0, hbone_port: await freePort() });
-    const p = s.procs.start(`knit agent ${a.name}`, s.serverCpus, process.execPath,
-      [...s.agentNodeFlags(a.name), knit, 'agent', '--config', join(ad, 'agent.yaml')], { cwd: s.knitRoot });
+    const p = startKnit(s, `knit agent ${a.name}`, s.serverCpus, s.agentNodeFlags(a.name), ['agent', '--config', join(ad, 'agent.yaml')]);
     started.push(p);
   }
   await Promise.all(started.map((p) => p.waitFor(/knit agent ready/, START_TIMEOUT_MS)));

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { register as globalRegistry } from 'prom-client';
+import { collectDefaultMetrics, register as globalRegistry, Registry } from 'prom-client';
 import { Metrics, DEFAULT_BUCKETS } from './metrics.js';
 
 /** Every line of an exposition that is not a comment or blank: `name{labels} value`. */
@@ -116,4 +116,22 @@ test('process metrics by default: resident memory, CPU, event-loop lag, GC, in a
   const shape = (t: string) => t.split('\n').filter((l) => !/^nodejs_gc_duration_seconds/.test(l)).map((l) => l.replace(/ \S+$/, ''));
   assert.deepEqual(shape(m.render()), shape(await m.registry.metrics()));
   assert.equal(m.contentType, 'text/plain; version=0.0.4; charset=utf-8');
+});
+
+test('the process metrics are the families collectDefaultMetrics registers; process CPU counts what was spent', async () => {
+  const theirs = new Registry();
+  collectDefaultMetrics({ register: theirs });
+  const names = (r: { getMetricsAsArray(): Array<{ name: string }> }) => r.getMetricsAsArray().map((x) => x.name).sort();
+  const m = new Metrics();
+  assert.deepEqual(names(m.registry), names(theirs));
+  const value = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(m.render())?.[1]);
+  m.render();
+  const t0 = process.cpuUsage();
+  for (const end = Date.now() + 120; Date.now() < end; ) Math.sqrt(Math.random());
+  const spent = process.cpuUsage(t0);
+  const text = m.render();
+  const [user, system, total] = ['user_', 'system_', ''].map((k) => Number(new RegExp(`^process_cpu_${k}seconds_total (\\S+)$`, 'm').exec(text)?.[1]));
+  assert.ok(Math.abs(total! - (user! + system!)) < 1e-9, `total ${total} = user ${user} + system ${system}`);
+  assert.ok(total! >= (spent.user + spent.system) / 1e6 - 0.02, `counted ${total} s of CPU, at least the ${(spent.user + spent.system) / 1e6} s spent`);
+  assert.ok(value('process_cpu_seconds_total') >= total!, 'a counter never goes down');
 });

@@ -4,13 +4,13 @@
  * metrics an operator wants from a long-running agent: resident memory,
  * CPU, event-loop lag, GC, open file descriptors.
  *
- * Built on prom-client, with a Registry owned by each `Metrics` instance:
+ * Built on prom-client (the parts loaded by prom.ts), with a Registry owned by each `Metrics` instance:
  * prom-client's global default registry is never used (no module-level
  * state; two agents in one test process do not share counts). Families are
  * created on first use, so call sites name a metric where they count it and
  * nothing has to declare it up front.
  */
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry, collectProcessMetrics } from './prom.js';
 
 /** Label name -> value. */
 export type Labels = Record<string, string>;
@@ -27,7 +27,7 @@ interface Family {
 /** What `new Metrics()` collects besides knit's own families. */
 export interface MetricsOptions {
   /**
-   * prom-client's default process metrics on this instance's registry
+   * prom-client's default process metrics (prom.ts) on this instance's registry
    * (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
    * `nodejs_eventloop_lag_*`, `nodejs_gc_duration_seconds`, heap, handles,
    * file descriptors). Default true; tests that compare exposition text
@@ -97,7 +97,7 @@ export class Metrics {
   private readonly families = new Map<string, Family>();
 
   constructor(opts: MetricsOptions = {}) {
-    if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry, eventLoopMonitoringPrecision: EVENT_LOOP_SAMPLE_MS });
+    if (opts.processMetrics ?? true) collectProcessMetrics(this.registry, { eventLoopMonitoringPrecision: EVENT_LOOP_SAMPLE_MS });
   }
 
   /**

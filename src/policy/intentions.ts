@@ -8,6 +8,7 @@
  * default decides (deny unless configured) and the decision says so.
  */
 import { validateSegment } from '../identity/spiffe.js';
+import { byCodeUnit } from '../compare.js';
 import { KnitError } from '../errors.js';
 
 export type Action = 'allow' | 'deny';
@@ -124,6 +125,6 @@ export function remove(set: IntentionSet, source: string, destination: string): 
 export function sorted(set: IntentionSet): Intention[] {
   return [...set.intentions].sort(
     (a, b) =>
-      precedenceOf(b) - precedenceOf(a) || a.source.localeCompare(b.source) || a.destination.localeCompare(b.destination),
+      precedenceOf(b) - precedenceOf(a) || byCodeUnit(a.source, b.source) || byCodeUnit(a.destination, b.destination),
   );
 }

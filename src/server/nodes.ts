@@ -8,6 +8,7 @@
 import { KnitError } from '../errors.js';
 import { keyFingerprint } from '../identity/signed-doc.js';
 import type { SignedKv } from '../registry/signed-kv.js';
+import { byCodeUnit } from '../compare.js';
 import { NODES_KEY, NODES_KIND, type NodeRecord, type NodesDocument } from '../policy/nodes.js';
 
 /** `last seen` is written at most this often per node: every signing would otherwise rewrite the document. */
@@ -35,7 +36,7 @@ export class NodeStore {
   /** Every node record. */
   async list(): Promise<NodeRecord[]> {
     const { doc } = await this.kv.read<NodesDocument>(NODES_KEY, NODES_KIND);
-    return Object.values(doc?.body.nodes ?? {}).sort((a, b) => a.node.localeCompare(b.node));
+    return Object.values(doc?.body.nodes ?? {}).sort((a, b) => byCodeUnit(a.node, b.node));
   }
 
   async get(node: string): Promise<NodeRecord | undefined> {

@@ -8,6 +8,7 @@
  * written to `<dataDir>/registry/kv.json` by write-temp, fsync, rename,
  * fsync-dir, so a crash at any point leaves either the old or the new file.
  */
+import { byCodeUnit } from '../../compare.js';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { writeFileAtomic } from '../../files.js';
@@ -113,7 +114,7 @@ export class EmbeddedStore {
     return [...this.instances.values()]
       .filter((o) => o.instance.service === service)
       .map((o) => structuredClone(o.instance))
-      .sort((a, b) => a.id.localeCompare(b.id));
+      .sort((a, b) => byCodeUnit(a.id, b.id));
   }
 
   /** @internal */
@@ -125,7 +126,7 @@ export class EmbeddedStore {
       if (isRoutable(instance)) s.routable++;
       by.set(instance.service, s);
     }
-    return [...by.values()].sort((a, b) => a.name.localeCompare(b.name));
+    return [...by.values()].sort((a, b) => byCodeUnit(a.name, b.name));
   }
 
   /** @internal */

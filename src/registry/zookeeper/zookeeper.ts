@@ -51,6 +51,7 @@
  * server publishes its id in `server-id`, readable by the agent credential
  * alone (not by the world: the hash of a weak password can be cracked).
  */
+import { byCodeUnit } from '../../compare.js';
 import { createHash } from 'node:crypto';
 import zookeeper from 'node-zookeeper-client';
 import type { ACL as ZkAcl, Client, Stat, Event as ZkEvent } from 'node-zookeeper-client';
@@ -875,7 +876,7 @@ export class ZooKeeperRegistry implements Registry {
         }
       }),
     );
-    return list.sort((a, b) => a.id.localeCompare(b.id));
+    return list.sort((a, b) => byCodeUnit(a.id, b.id));
   }
 
   async instances(service: string): Promise<Instance[]> {
