@@ -15,7 +15,7 @@ import { execFile } from 'node:child_process';
 import http from 'node:http';
 import net from 'node:net';
 import { mkdir, writeFile } from 'node:fs/promises';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { freePort } from '../../test/helpers/knit.js';
@@ -199,14 +199,15 @@ export async function startKnitDev(s: Setup, appPort: number): Promise<Path> {
 }
 
 /**
- * A long-running `knit` process, started as an operator starts it: the
- * `knit` executable (bin/knit.mjs through its `#!` line, with the node flags
- * that line gives), not `node bin/knit.mjs`. Extra node flags (profiling,
- * `--node-flags`) go in NODE_OPTIONS.
+ * A long-running `knit` process, started as an operator starts it: with
+ * the node flags of bin/knit.mjs's `#!` line (`#!/usr/bin/env -S node
+ * FLAGS`), which `node bin/knit.mjs` would leave out, then the extra ones
+ * (profiling, `--node-flags`; node refuses some of them in NODE_OPTIONS).
  */
 function startKnit(s: Setup, name: string, cpus: string, nodeFlags: string[], args: string[], env: NodeJS.ProcessEnv = {}): Started {
-  const options = [process.env.NODE_OPTIONS ?? '', ...nodeFlags].join(' ').trim();
-  return s.procs.start(name, cpus, join(s.knitRoot, 'bin', 'knit.mjs'), args, { cwd: s.knitRoot, env: { ...process.env, ...env, ...(options ? { NODE_OPTIONS: options } : {}) } });
+  const bin = join(s.knitRoot, 'bin', 'knit.mjs');
+  const shebang = /^#!\S*env -S \S*node((?: +\S+)*)\s*$/.exec(readFileSync(bin, 'utf8').split('\n')[0] ?? '')?.[1]?.trim().split(/ +/).filter(Boolean) ?? [];
+  return s.procs.start(name, cpus, process.execPath, [...shebang, ...nodeFlags, bin, ...args], { cwd: s.knitRoot, env: { ...process.env, ...env } });
 }
 
 /** Runs a short `knit` CLI command against the control plane. */

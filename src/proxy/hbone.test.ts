@@ -9,6 +9,7 @@ import http2 from 'node:http2';
 import tls from 'node:tls';
 import net from 'node:net';
 import { once } from 'node:events';
+import { createHash } from 'node:crypto';
 import { startMesh, listen, dial, readAll, WEB_TO_API, type Mesh } from '../../test/helpers/mesh-pair.js';
 import { until } from '../../test/helpers/wait.js';
 import { sniFor } from './hbone/wire.js';
@@ -224,4 +225,56 @@ test('the same-host path: no TLS, no tunnel, but decided, counted and closed on 
   await assert.rejects(get(mesh.upstreamPort, '/denied'), /ECONNRESET|socket hang up/);
   assert.equal(metric(mesh.a, 'knit_inbound_connections_total', { decision: 'deny', rule: 'default (deny)', service: 'api', source: 'web' }), 1);
   keep.destroy();
+});
+
+test('a client that stops reading holds the sender back (flow control, no unbounded buffer); every byte arrives once it reads', async (t) => {
+  // The app sends 64 MiB as fast as the mesh takes it, counting what its socket accepted.
+  const TOTAL = 64 << 20;
+  const block = Buffer.alloc(1 << 20);
+  for (let i = 0; i < block.length; i++) block[i] = (i * 31 + 7) & 0xff;
+  let accepted = 0;
+  let sending: net.Socket | undefined;
+  const { server, port } = await listen((s) => {
+    sending = s;
+    let sent = 0;
+    const more = (): void => {
+      while (sent < TOTAL) {
+        sent += block.length;
+        const ok = s.write(block, () => (accepted += block.length));
+        if (!ok) return void s.once('drain', more);
+      }
+      s.end();
+    };
+    more();
+  });
+  const mesh = await startMesh(port);
+  cleanups.push(() => void server.close(), () => mesh.close());
+  const client = await dial(mesh.upstreamPort);
+  client.pause();
+  // Nobody reads: the app's writes stall once the kernel buffers, both agents' bounded buffers and
+  // the HTTP/2 windows (4 MiB per stream) are full.
+  let last = -1;
+  await until('the sender stalls', async () => {
+    await new Promise((r) => setTimeout(r, 300));
+    const stalled = accepted === last && accepted > 0;
+    last = accepted;
+    return stalled;
+  }, 20_000, 0);
+  t.diagnostic(`with no reader the app got ${(accepted / 2 ** 20).toFixed(0)} MiB into the mesh before it stalled`);
+  assert.ok(accepted < 24 << 20, `with no reader the app got ${accepted >> 20} MiB of 64 into the mesh: something buffers without bound`);
+  // Reading again: every byte, in order.
+  const hash = createHash('sha256');
+  let got = 0;
+  client.on('data', (d: Buffer) => {
+    hash.update(d);
+    got += d.length;
+  });
+  client.resume();
+  await once(client, 'end');
+  const want = createHash('sha256');
+  for (let i = 0; i < TOTAL / block.length; i++) want.update(block);
+  assert.equal(got, TOTAL);
+  assert.equal(hash.digest('hex'), want.digest('hex'));
+  client.destroy();
+  sending?.destroy();
 });
