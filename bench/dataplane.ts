@@ -30,7 +30,12 @@
  * runs with much of it are not worth comparing. The header says whether knit
  * ran compiled (dist/) or from src/ through tsx, which costs memory.
  *
- * Usage: npm run bench [-- --quick] [--rounds N] [--seconds N] [--only W,...] [--node-flags F] [--profile] [--knit-root DIR] [--out FILE]
+ * With --floor, two more paths (dataplane/floor.mjs) show what Node itself
+ * costs to carry the same traffic the same way, without knit: an HTTP/2
+ * CONNECT pair over mutual TLS, and a TCP pipe. knit's figures are also
+ * given as ratios to them (x floor).
+ *
+ * Usage: npm run bench [-- --quick] [--rounds N] [--seconds N] [--only W,...] [--node-flags=F] [--floor] [--profile] [--knit-root DIR] [--out FILE]
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
@@ -41,7 +46,7 @@ import { parseArgs } from 'node:util';
 import { startZooKeeper, type ZkCluster } from '../test/helpers/zookeeper.js';
 import { ROOT } from '../test/helpers/knit.js';
 import { summarizeProfile } from './dataplane/cpuprofile.js';
-import { directPath, startApp, startHaproxy, startKnitAgents, startKnitDev, type Path, type PathKey, type Setup } from './dataplane/paths.js';
+import { directPath, startApp, startFloor, startHaproxy, startKnitAgents, startKnitDev, type Path, type PathKey, type Setup } from './dataplane/paths.js';
 import { cpuMs, cpuTimes, memoryMb, Processes, resetPeak, tail, withDescendants } from './dataplane/procs.js';
 import { summarize, table, WORKLOAD_LABELS, type Sample, type WorkloadKey } from './dataplane/report.js';
 import { wrk } from './dataplane/wrk.js';
@@ -53,7 +58,8 @@ const USAGE = `usage: npm run bench [-- OPTIONS]
   --only W,...       only these workloads (keepalive_c1, keepalive_c16, keepalive_c64, new_conns_c16, bulk_c1), for
                      studying one figure; the idle figure is always taken
   --node-flags=F     extra node flags for every knit process (e.g. --node-flags=--max-semi-space-size=4), to compare tunings
-  --profile          run the knit agents under node --cpu-prof and print their top 15 self-time functions
+  --floor            also run the Node floor paths (floor.mjs): plain node:http2 and net, none of knit's work
+  --profile          run the knit agents and knit dev under node --cpu-prof and print their top 15 self-time functions
   --knit-root DIR    the knit checkout to run (default: this repository)
   --out FILE         results JSON (default bench/results/latest.json)`;
 
@@ -71,7 +77,7 @@ const WORKLOADS: Workload[] = [
   { key: 'new_conns_c16', connections: 16, close: true },
   { key: 'bulk_c1', connections: 1, bulk: true },
 ];
-const ORDER: PathKey[] = ['direct', 'haproxy', 'knit_agents', 'knit_dev'];
+const ORDER: PathKey[] = ['direct', 'haproxy', 'knit_agents', 'knit_dev', 'node_h2', 'node_tcp'];
 
 interface Options {
   rounds: number;
@@ -83,6 +89,7 @@ interface Options {
   out: string;
   workloads: Workload[];
   nodeFlags: string[];
+  floor: boolean;
 }
 
 function options(): Options {
@@ -90,7 +97,7 @@ function options(): Options {
   try {
     v = parseArgs({
       options: {
-        quick: { type: 'boolean', default: false }, profile: { type: 'boolean', default: false }, help: { type: 'boolean', default: false },
+        quick: { type: 'boolean', default: false }, floor: { type: 'boolean', default: false }, profile: { type: 'boolean', default: false }, help: { type: 'boolean', default: false },
         rounds: { type: 'string' }, seconds: { type: 'string' }, 'knit-root': { type: 'string' }, out: { type: 'string' },
         only: { type: 'string' }, 'node-flags': { type: 'string' },
       },
@@ -122,6 +129,7 @@ function options(): Options {
   return {
     workloads: only ? WORKLOADS.filter((w) => only.includes(w.key)) : WORKLOADS,
     nodeFlags: v['node-flags']?.split(/\s+/).filter(Boolean) ?? [],
+    floor: v.floor,
     quick,
     profile: v.profile,
     rounds: int('rounds', v.rounds, quick ? 1 : 3),
@@ -225,6 +233,7 @@ async function main(): Promise<void> {
     paths.push(await startHaproxy(setup, app.port));
     const modes = new Set([knitMode(opt.knitRoot)]);
     paths.push(await startKnitDev(setup, app.port));
+    if (opt.floor) paths.push(...(await startFloor(setup, app.port)));
     zk = await startZooKeeper();
     if (aborting) await zk.stop(); // interrupted while it started: cleanup could not see it
     for (const m of zk.members) if (m.proc?.pid) execFileSync('taskset', ['-a', '-p', '-c', loadCpus, String(m.proc.pid)], { stdio: 'ignore' });
@@ -340,8 +349,8 @@ async function main(): Promise<void> {
     const profiles: Array<{ agent: string; file: string; busyMs: number; top: Array<{ fn: string; selfMs: number; pct: number }> }> = [];
     if (opt.profile) {
       // Profiles are written when the agents exit: stop them cleanly (SIGTERM) before reading.
-      for (const a of agents.path.proxies) await procs.stop(a, 15_000);
-      for (const a of ['bench-a', 'bench-b']) {
+      for (const a of [...agents.path.proxies, ...byKey.get('knit_dev')!.proxies]) await procs.stop(a, 15_000);
+      for (const a of ['bench-a', 'bench-b', 'knit-dev']) {
         const d = join(profileDir, a);
         const files = existsSync(d) ? (await readdir(d)).filter((f) => f.endsWith('.cpuprofile')) : [];
         if (!files.length) console.error(`warning: no .cpuprofile from ${a} in ${d}`);
@@ -382,7 +391,7 @@ async function main(): Promise<void> {
     const result = {
       schema: 1,
       date: new Date().toISOString(),
-      options: { quick: opt.quick, rounds: opt.rounds, seconds: opt.seconds, warmup_s: opt.warmup, profile: opt.profile, knit_root: opt.knitRoot, workloads: opt.workloads.map((w) => w.key), node_flags: opt.nodeFlags },
+      options: { quick: opt.quick, rounds: opt.rounds, seconds: opt.seconds, warmup_s: opt.warmup, profile: opt.profile, knit_root: opt.knitRoot, workloads: opt.workloads.map((w) => w.key), node_flags: opt.nodeFlags, floor: opt.floor },
       knit: { mode, commit: git(['rev-parse', 'HEAD']), uncommitted_files: git(['status', '--porcelain'])?.split('\n').filter(Boolean).length ?? null },
       machine: {
         cpus, cpu_model: os.cpus()[0]?.model ?? 'unknown', kernel: os.release(), mem_gb: Number((os.totalmem() / 1024 ** 3).toFixed(1)),

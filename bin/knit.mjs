@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --max-semi-space-size=2
+#!/usr/bin/env -S node --max-semi-space-size=4
 // The `knit` binary. It runs the compiled CLI in dist/ (made by `npm run
 // build`, which `npm ci` runs as `prepare`) when dist/ is at least as new as
 // the sources it was built from. Otherwise (a checkout whose src/ changed
@@ -8,11 +8,15 @@
 // is a devDependency, and costs some 30 MB and a few hundred ms per process.
 //
 // Memory (the first line: `env -S` passes node a flag; `node bin/knit.mjs`
-// does without it): V8's young generation may grow to 2 MB per semi-space,
-// not Node 20's 16. An agent allocates a few KB per proxied request, all of
-// it short-lived: with 16 MB semi-spaces the heap kept ~25 MB more resident
-// under load for no throughput (measured with npm run bench: 75 against
-// 100 MB per agent after 64 busy connections, the same req/s and p99).
+// does without it): V8's young generation may grow to 4 MB per semi-space,
+// not Node 20's 16. An agent allocates a few KB per proxied request, nearly
+// all of it short-lived: with 16 MB semi-spaces the heap kept ~25 MB more
+// resident under load for no throughput (npm run bench: 100 against 75 MB
+// per agent after 64 busy connections). Smaller still (2 MB) costs new
+// connections: objects of connections still open at a scavenge are copied
+// and promoted (GC took ~80 us of CPU per new connection, against ~22 us
+// for the same traffic through plain node:http2 with 16 MB), and knit
+// carried 2.84x HAProxy's new connections/s with 2 MB, 3.28x with 4 MB.
 // Source maps are off for the same reason (~3.5 MB for dist/'s maps): stack
 // traces name dist/*.js lines, which tsc keeps close to src/; run with
 // NODE_OPTIONS=--enable-source-maps to have src/*.ts lines instead.

@@ -7,6 +7,9 @@
  *                two `knit agent` processes as on two hosts, enrolled with
  *                join tokens from a `knit server` over a ZooKeeper
  *   knit_dev     wrk -> one `knit dev` process (both ends: the same-host path) -> app
+ *   node_h2      (--floor) wrk -> Node HTTP/2 CONNECT client -> mTLS -> Node server -> app:
+ *                the HBONE design with none of knit's work (floor.mjs)
+ *   node_tcp     (--floor) wrk -> a Node TCP pipe -> app: the same-host path's floor
  * knit runs through its CLI and config files only, from `knitRoot`, so the
  * harness measures whatever `knit agent` does there (one TLS connection per
  * application connection, or HBONE streams over pooled connections).
@@ -24,7 +27,7 @@ import { tail, type Processes, type Started } from './procs.js';
 
 const run = promisify(execFile);
 
-export type PathKey = 'direct' | 'haproxy' | 'knit_agents' | 'knit_dev';
+export type PathKey = 'direct' | 'haproxy' | 'knit_agents' | 'knit_dev' | 'node_h2' | 'node_tcp';
 
 export interface Path {
   key: PathKey;
@@ -50,9 +53,9 @@ export interface Setup {
   controlCpus: string;
   /** The knit checkout to run (`bin/knit.mjs` in it). */
   knitRoot: string;
-  /** node flags of the `knit agent` processes (e.g. --cpu-prof ...), per agent name. */
+  /** node flags of the `knit agent` processes and of `knit dev` (e.g. --cpu-prof ...), by name (bench-a, bench-b, knit-dev). */
   agentNodeFlags(agent: string): string[];
-  /** node flags of every knit process (`--node-flags`), agents and `knit dev` alike. */
+  /** node flags of every knit process (`--node-flags`). */
   nodeFlags: string[];
   log(msg: string): void;
 }
@@ -167,6 +170,29 @@ export async function startHaproxy(s: Setup, appPort: number): Promise<Path> {
   return path;
 }
 
+/**
+ * The floor paths (floor.mjs): what Node itself costs to carry the traffic
+ * as knit does, without knit. An HTTP/2 CONNECT pair over mutual TLS (two
+ * processes, as the two agents) and a TCP pipe (one process, as knit dev).
+ */
+export async function startFloor(s: Setup, appPort: number): Promise<Path[]> {
+  const dir = join(s.dir, 'floor');
+  await mkdir(dir);
+  await makeCerts(dir);
+  const script = join(import.meta.dirname, 'floor.mjs');
+  const [tcpPort, serverPort, clientPort] = [await freePort(), await freePort(), await freePort()];
+  const tcp = s.procs.start('node floor (tcp)', s.serverCpus, process.execPath, [script, 'tcp', String(tcpPort), String(appPort)]);
+  const server = s.procs.start('node floor (h2 server)', s.serverCpus, process.execPath, [script, 'h2-server', String(serverPort), String(appPort), dir]);
+  const client = s.procs.start('node floor (h2 client)', s.serverCpus, process.execPath, [script, 'h2-client', String(clientPort), String(serverPort), String(appPort), dir]);
+  for (const p of [tcp, server, client]) await p.waitFor(/ready/, START_TIMEOUT_MS);
+  const paths: Path[] = [
+    { key: 'node_h2', label: 'Node floor: HTTP/2 CONNECT pair', url: `http://127.0.0.1:${clientPort}/`, proxies: [client, server], note: 'floor.mjs: the HBONE design in plain node:http2, none of knit\'s work' },
+    { key: 'node_tcp', label: 'Node floor: TCP pipe', url: `http://127.0.0.1:${tcpPort}/`, proxies: [tcp], note: 'floor.mjs: a plain net pipe, none of knit\'s work' },
+  ];
+  for (const p of paths) await routable(p, START_TIMEOUT_MS / 2);
+  return paths;
+}
+
 /** A service file in Consul's format. */
 const service = (name: string, port: number, upstream?: { to: string; port: number }): string =>
   JSON.stringify({ service: { name, port, ...(upstream ? { connect: { sidecar_service: { proxy: { upstreams: [{ destination_name: upstream.to, local_bind_port: upstream.port }] } } } } : {}) } });
@@ -187,7 +213,7 @@ export async function startKnitDev(s: Setup, appPort: number): Promise<Path> {
   // Mesh ports on any free port, with whichever flag this checkout's `knit dev` has (per-service inbound ports before HBONE, one HBONE port after).
   const help = await knitCli(s, ['dev', '--help'], {});
   const portFlags = ['--inbound-port-base', '--hbone-port'].filter((f) => help.includes(`${f} `)).flatMap((f) => [f, '0']);
-  const proc = startKnit(s, 'knit dev', s.serverCpus, s.nodeFlags,
+  const proc = startKnit(s, 'knit dev', s.serverCpus, s.agentNodeFlags('knit-dev'),
     ['dev', '--config-dir', join(dir, 'services'), '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${await freePort()}`, ...portFlags], { KNIT_LOG_LEVEL: 'warn' });
   await proc.waitFor(/knit dev ready/, START_TIMEOUT_MS);
   const path: Path = {

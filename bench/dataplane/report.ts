@@ -45,6 +45,8 @@ export interface Figures {
   rss_mb: number | null;
   x_direct: number | null;
   x_haproxy: number | null;
+  /** knit's paths against the Node floor of the same design (--floor): knit_agents / node_h2, knit_dev / node_tcp. */
+  x_floor: number | null;
   /** The workload's main figure in every round (rps, conns_per_s, mb_per_s or rss). */
   rounds: number[];
   errors: string[];
@@ -105,6 +107,7 @@ export function summarize(samples: Record<PathKey, Partial<Record<WorkloadKey, S
         rss_mb: round(rss),
         x_direct: null,
         x_haproxy: null,
+        x_floor: null,
         foreign_cpu_pct: round(median(pick(list, (s) => s.foreignPct))),
         foreign_loadgen_cpu_pct: round(median(pick(list, (s) => s.foreignLoadPct))),
         rounds: pick(list, (s) => main(w, s)).map((x) => Number(x.toFixed(1))),
@@ -121,7 +124,9 @@ export function summarize(samples: Record<PathKey, Partial<Record<WorkloadKey, S
       const value = (x: Figures | undefined): number | null => (x ? (w === 'new_conns_c16' ? x.conns_per_s : w === 'bulk_c1' ? x.mb_per_s : x.rps) : null);
       const ratio = (a: number | null, b: number | null): number | null => (a !== null && b ? round(a / b, 2) : null);
       if (w !== 'idle' && p !== 'direct') f.x_direct = ratio(value(f), value(d));
-      if (w !== 'idle' && (p === 'knit_agents' || p === 'knit_dev')) f.x_haproxy = ratio(value(f), value(h));
+      if (w !== 'idle' && p !== 'direct' && p !== 'haproxy') f.x_haproxy = ratio(value(f), value(h));
+      const floor = p === 'knit_agents' ? out.node_h2?.[w] : p === 'knit_dev' ? out.node_tcp?.[w] : undefined;
+      if (w !== 'idle' && floor) f.x_floor = ratio(value(f), value(floor));
       if (p !== 'direct' && d && f.p50_us !== null && d.p50_us !== null) f.p50_added_us = round(f.p50_us - d.p50_us);
       if (p !== 'direct' && d && f.p99_us !== null && d.p99_us !== null) f.p99_added_us = round(f.p99_us - d.p99_us);
     }
@@ -133,7 +138,7 @@ const n0 = (x: number | null | undefined): string => (x === null || x === undefi
 const n1 = (x: number | null | undefined): string => (x === null || x === undefined ? '-' : x.toFixed(1));
 const ratios = (f: Figures | undefined, isDirect: boolean): string => {
   if (!f || isDirect) return '';
-  const parts = [f.x_direct !== null ? `${f.x_direct.toFixed(2)}x direct` : '', f.x_haproxy !== null ? `${f.x_haproxy.toFixed(2)}x haproxy` : ''].filter(Boolean);
+  const parts = [f.x_direct !== null ? `${f.x_direct.toFixed(2)}x direct` : '', f.x_haproxy !== null ? `${f.x_haproxy.toFixed(2)}x haproxy` : '', f.x_floor !== null ? `${f.x_floor.toFixed(2)}x floor` : ''].filter(Boolean);
   return parts.length ? ` (${parts.join(', ')})` : '';
 };
 const signed = (x: number | null | undefined): string => (x === null || x === undefined ? '' : ` (${x >= 0 ? '+' : ''}${x.toFixed(0)})`);

@@ -74,17 +74,23 @@ export class Flow {
     this.closer?.(reason);
   }
 
-  view(now = Date.now()): FlowView {
-    // Bytes read from the application are what it sent; bytes written to it, what it received.
+  /** Bytes the application that opened the flow sent, and received (on this host's application socket). */
+  bytes(): { sent: number; received: number } {
+    // Where the opener is here, bytes read from its socket are what it sent; where the flow was delivered here, the reverse.
     const outbound = this.side === 'outbound' || this.side === 'local';
+    return { sent: outbound ? this.app.bytesRead : this.app.bytesWritten, received: outbound ? this.app.bytesWritten : this.app.bytesRead };
+  }
+
+  view(now = Date.now()): FlowView {
+    const bytes = this.bytes();
     return {
       id: this.id,
       side: this.side,
       source: this.source,
       destination: this.destination,
       rule: this.rule,
-      bytesSent: outbound ? this.app.bytesRead : this.app.bytesWritten,
-      bytesReceived: outbound ? this.app.bytesWritten : this.app.bytesRead,
+      bytesSent: bytes.sent,
+      bytesReceived: bytes.received,
       startedAt: new Date(this.startedAt).toISOString(),
       ageMs: now - this.startedAt,
       tunnel: this.tunnel,

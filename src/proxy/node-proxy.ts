@@ -184,6 +184,7 @@ export class NodeProxy {
   private readonly captureRouters = new Map<string, { router: Router<Instance>; from: readonly Instance[] }>();
   private trustBundle: string[] = [];
   private clientTunnels = 0;
+  private readonly ids = new Map<string, string>();
 
   constructor(private readonly o: NodeProxyOptions) {
     this.namespace = o.namespace ?? 'default';
@@ -418,6 +419,17 @@ export class NodeProxy {
     return target;
   }
 
+  /** The SPIFFE ID of a service of this trust domain and namespace (made once per service: outbound asks per connection). */
+  private idOf(service: string): string {
+    let id = this.ids.get(service);
+    if (id === undefined) {
+      id = serviceId(this.o.trustDomain, service, this.namespace).uri;
+      if (this.ids.size >= 4096) this.ids.clear();
+      this.ids.set(service, id);
+    }
+    return id;
+  }
+
   private decide(source: string, destination: string): Decision {
     const ev = this.o.policy();
     return ev ? ev.evaluate(source, destination) : NO_POLICY;
@@ -428,7 +440,8 @@ export class NodeProxy {
   private async outbound(app: Socket, up: OutboundRoute, pinned?: Instance): Promise<void> {
     const source = up.source;
     const me = this.identities.get(source);
-    const flow = this.flows.create('outbound', { service: source, id: me?.id.uri, address: app.remoteAddress }, { service: up.destination }, app);
+    const remote = app.remoteAddress;
+    const flow = this.flows.create('outbound', { service: source, id: me?.id.uri, address: remote }, { service: up.destination }, app);
     const fail = (result: string, msg: string, fields: Record<string, unknown> = {}): void => {
       this.o.metrics.inc(M.outbound[0], M.outbound[1], { service: source, upstream: up.destination, result });
       this.logLimit.warn(`${EVENTS.connFailed}|${source}|${up.destination}|${result}`, { event: EVENTS.connFailed, service: source, upstream: up.destination, result, ...fields }, msg);
@@ -452,10 +465,10 @@ export class NodeProxy {
         lastIdentity = false;
         continue;
       }
-      const tunnelKey: TunnelKey = { source: me.id.uri, destination: serviceId(this.o.trustDomain, up.destination, this.namespace).uri, agent: authorityOf(ep.address, ep.hbonePort) };
+      const tunnelKey: TunnelKey = { source: me.id.uri, destination: this.idOf(up.destination), agent: authorityOf(ep.address, ep.hbonePort) };
       let opened: { stream: ClientHttp2Stream; tunnel: string };
       try {
-        opened = await this.pool.open(tunnelKey, authorityOf(ep.address, ep.port), { forwarded: `for="${app.remoteAddress ?? ''}"` });
+        opened = await this.pool.open(tunnelKey, authorityOf(ep.address, ep.port), { forwarded: `for="${remote ?? ''}"` });
       } catch (e) {
         last = `${key}: ${(e as Error).message}`;
         lastIdentity = e instanceof IdentityRefused;
@@ -655,10 +668,10 @@ export class NodeProxy {
 
   private ended(flow: Flow, labels: Record<string, string>, end: string): void {
     this.flows.delete(flow);
-    const v = flow.view();
+    const bytes = flow.bytes();
     this.o.metrics.inc(M.closed[0], M.closed[1], { ...labels, end: flow.ended ? 'policy' : end });
-    this.o.metrics.inc(M.sent[0], M.sent[1], labels, v.bytesSent);
-    this.o.metrics.inc(M.received[0], M.received[1], labels, v.bytesReceived);
+    this.o.metrics.inc(M.sent[0], M.sent[1], labels, bytes.sent);
+    this.o.metrics.inc(M.received[0], M.received[1], labels, bytes.received);
     if (end === 'idle_timeout') this.o.log.debug({ event: EVENTS.connIdleTimeout, source: flow.source.service, destination: flow.destination.service }, 'closed an idle connection');
   }
 

@@ -457,9 +457,9 @@ test('protected tree: after a ZooKeeper restart and a lost session, agents authe
   // B's short session is lost while ZooKeeper is down, so it builds a new client (recover()).
   const aLog = new Recorder<{ msg: string }>();
   // A's session outlasts the outage with room to spare on a loaded machine (ZooKeeper is down
-  // until B notices, then takes seconds to start again); a write waits up to the session
-  // timeout, so the wait below allows more than one.
-  const a = await open(t, root, { credentials: agentCreds, sessionTimeoutMs: 20_000, log: pino({ level: 'debug' }, { write: (l: string) => aLog.push(JSON.parse(l) as { msg: string }) }) });
+  // until B notices, then takes seconds to start again: 20 s was once not enough while the
+  // whole suite ran); a write waits up to the session timeout, so the wait below allows more than two.
+  const a = await open(t, root, { credentials: agentCreds, sessionTimeoutMs: 40_000, log: pino({ level: 'debug' }, { write: (l: string) => aLog.push(JSON.parse(l) as { msg: string }) }) });
   const bLog = new Recorder<{ msg: string }>();
   const b = await open(t, root, { credentials: agentCreds, sessionTimeoutMs: 1000, connectTimeoutMs: 2000, log: pino({ level: 'debug' }, { write: (l: string) => bLog.push(JSON.parse(l) as { msg: string }) }) });
   const watcher = await open(t, root, { sessionTimeoutMs: 10_000 });
@@ -483,7 +483,7 @@ test('protected tree: after a ZooKeeper restart and a lost session, agents authe
   await until('A writes again in its old session', async () => {
     await a.setHealth('a/svc', 'warning');
     return true;
-  }, 60_000, 200);
+  }, 100_000, 200);
   assert.ok(!aLog.values.some((l) => /session expired or lost/.test(l.msg)), 'A kept its session');
   // B: a new session whose client authenticated too, or re-registration would have been refused.
   await until('B re-registered from a new session', async () => {
