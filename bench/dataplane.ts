@@ -57,7 +57,7 @@ const USAGE = `usage: npm run bench [-- OPTIONS]
   --seconds N        seconds per run (default 5)
   --only W,...       only these workloads (keepalive_c1, keepalive_c16, keepalive_c64, new_conns_c16, bulk_c1), for
                      studying one figure; the idle figure is always taken
-  --node-flags=F     extra node flags for every knit process (e.g. --node-flags=--max-semi-space-size=4), to compare tunings
+  --node-flags=F     extra node flags for the knit agents and knit dev (e.g. --node-flags=--max-semi-space-size=4), to compare tunings
   --floor            also run the Node floor paths (floor.mjs): plain node:http2 and net, none of knit's work
   --profile          run the knit agents and knit dev under node --cpu-prof and print their top 15 self-time functions
   --knit-root DIR    the knit checkout to run (default: this repository)
@@ -222,8 +222,7 @@ async function main(): Promise<void> {
     const log = (m: string): void => console.log(m);
     const setup: Setup = {
       procs, dir, serverCpus, controlCpus: loadCpus, knitRoot: opt.knitRoot, log,
-      agentNodeFlags: (agent) => [...opt.nodeFlags, ...(opt.profile ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, agent)}`] : [])],
-      nodeFlags: opt.nodeFlags,
+      knitNodeFlags: (name) => [...opt.nodeFlags, ...(opt.profile ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, name)}`] : [])],
     };
     if (opt.profile) mkdirSync(profileDir, { recursive: true });
     log(`knit data-plane benchmark: ${opt.rounds} round(s) of ${opt.seconds} s runs; wrk on CPU ${loadCpus}, app + proxies on CPU ${serverCpus}; knit from ${opt.knitRoot}`);

@@ -56,17 +56,20 @@ async function counter(host: 'a' | 'b', name: string, labels = ''): Promise<numb
 }
 
 /** GET through web's upstream on host A (bound on A's address); 'ok', 'failed' or 'slow'. */
-function callApi(agent?: http.Agent, port = 9191): Promise<{ result: 'ok' | 'failed'; ms: number }> {
+/** One GET through web's upstream on A; `why` says how a failed one failed (status, or the socket's error code). */
+function callApi(agent?: http.Agent, port = 9191): Promise<{ result: 'ok' | 'failed'; ms: number; why?: string }> {
   const t0 = Date.now();
+  const failed = (why: string) => ({ result: 'failed' as const, ms: Date.now() - t0, why });
+  const code = (e: Error): string => (e as Error & { code?: string }).code ?? e.message;
   return new Promise((resolve) => {
     const req = http.get({ host: net.hosts.a!.address, port, path: '/', agent: agent ?? false, timeout: 5000 }, (res) => {
       let body = '';
       res.on('data', (c: Buffer) => (body += c.toString()));
-      res.on('end', () => resolve({ result: res.statusCode === 200 && body.includes('hello from api') ? 'ok' : 'failed', ms: Date.now() - t0 }));
-      res.on('error', () => resolve({ result: 'failed', ms: Date.now() - t0 }));
+      res.on('end', () => resolve(res.statusCode === 200 && body.includes('hello from api') ? { result: 'ok', ms: Date.now() - t0 } : failed(`HTTP ${res.statusCode}`)));
+      res.on('error', (e) => resolve(failed(`response ${code(e)}`)));
     });
     req.on('timeout', () => req.destroy(new Error('timeout')));
-    req.on('error', () => resolve({ result: 'failed', ms: Date.now() - t0 }));
+    req.on('error', (e) => resolve(failed(code(e))));
   });
 }
 
@@ -156,7 +159,8 @@ describe('fleet: knit server + agents on separate hosts over a ZooKeeper ensembl
     const burst = await Promise.all(Array.from({ length: 500 }, () => callApi(undefined, 9192)));
     const failed = burst.filter((r) => r.result !== 'ok').length;
     const dials = (await counter('a', 'knit_hbone_dials_total', 'result="ok"')) - before;
-    t.diagnostic(`500 simultaneous connections to admin (a cold key): ${dials} dial(s), ${failed} failed`);
+    const why = [...new Set(burst.flatMap((r) => (r.why ? [r.why] : [])))].join(', ');
+    t.diagnostic(`500 simultaneous connections to admin (a cold key): ${dials} dial(s), ${failed} failed${failed ? ` (${why})` : ''}`);
     assert.equal(failed, 0);
     assert.ok(dials >= 1 && dials <= 5, `${dials} dials`);
   });

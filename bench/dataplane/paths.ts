@@ -53,10 +53,8 @@ export interface Setup {
   controlCpus: string;
   /** The knit checkout to run (`bin/knit.mjs` in it). */
   knitRoot: string;
-  /** node flags of the `knit agent` processes and of `knit dev` (e.g. --cpu-prof ...), by name (bench-a, bench-b, knit-dev). */
-  agentNodeFlags(agent: string): string[];
-  /** node flags of every knit process (`--node-flags`). */
-  nodeFlags: string[];
+  /** Extra node flags (`--node-flags`, --cpu-prof ...) of the measured knit processes, by name: bench-a, bench-b, knit-dev. */
+  knitNodeFlags(name: string): string[];
   log(msg: string): void;
 }
 
@@ -213,7 +211,7 @@ export async function startKnitDev(s: Setup, appPort: number): Promise<Path> {
   // Mesh ports on any free port, with whichever flag this checkout's `knit dev` has (per-service inbound ports before HBONE, one HBONE port after).
   const help = await knitCli(s, ['dev', '--help'], {});
   const portFlags = ['--inbound-port-base', '--hbone-port'].filter((f) => help.includes(`${f} `)).flatMap((f) => [f, '0']);
-  const proc = startKnit(s, 'knit dev', s.serverCpus, s.agentNodeFlags('knit-dev'),
+  const proc = startKnit(s, 'knit dev', s.serverCpus, s.knitNodeFlags('knit-dev'),
     ['dev', '--config-dir', join(dir, 'services'), '--data-dir', join(dir, 'data'), '--admin-addr', `127.0.0.1:${await freePort()}`, ...portFlags], { KNIT_LOG_LEVEL: 'warn' });
   await proc.waitFor(/knit dev ready/, START_TIMEOUT_MS);
   const path: Path = {
@@ -314,7 +312,7 @@ export async function startKnitAgents(s: Setup, appPort: number, zkConnect: stri
       join_token_file: `${ad}/join.token`, services_dir: `${ad}/services`, advertise: a.addr, bind: a.addr,
       admin: `127.0.0.1:${await freePort()}`, drain: '2s', log_level: 'warn',
     }, { inbound_port_base: 0, hbone_port: await freePort() });
-    const p = startKnit(s, `knit agent ${a.name}`, s.serverCpus, s.agentNodeFlags(a.name), ['agent', '--config', join(ad, 'agent.yaml')]);
+    const p = startKnit(s, `knit agent ${a.name}`, s.serverCpus, s.knitNodeFlags(a.name), ['agent', '--config', join(ad, 'agent.yaml')]);
     started.push(p);
   }
   await Promise.all(started.map((p) => p.waitFor(/knit agent ready/, START_TIMEOUT_MS)));

@@ -10,8 +10,9 @@
  *   peer (or a tunnel that broke) resets the socket (TCP RST);
  * - an idle timeout and an abort signal end both, without a reset.
  *
- * Data moves with `pipe`, so HTTP/2 flow control slows a fast writer down
- * to its reader's pace instead of growing a buffer in knit.
+ * Data moves with `pipe` from the socket, and with pipeToSocket (batched
+ * writes, at most APP_BUFFER held) to it, so HTTP/2 flow control slows a
+ * fast writer down to its reader's pace instead of growing a buffer in knit.
  */
 import http2, { type Http2Stream } from 'node:http2';
 import type { Socket } from 'node:net';
@@ -31,6 +32,9 @@ export function cancel(stream: Http2Stream, code = NGHTTP2_CANCEL): void {
  */
 const APP_BUFFER = 256 << 10;
 
+/** The smallest DATA piece that corks the application socket (see pipeToSocket). */
+const CORK_FROM = 4 << 10;
+
 /**
  * `stream.pipe(app, { end: false })`, with the stream's DATA written to the
  * socket in batches. nghttp2 hands DATA over as it parses it out of the
@@ -43,8 +47,6 @@ const APP_BUFFER = 256 << 10;
  * 283 MiB/s in the same run). Smaller pieces (request/response traffic)
  * are written at once, as before.
  */
-const CORK_FROM = 4 << 10;
-
 function pipeToSocket(stream: Http2Stream, app: Socket): void {
   const uncork = (): void => app.uncork();
   stream.on('data', (chunk: Buffer) => {
