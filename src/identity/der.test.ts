@@ -124,6 +124,8 @@ interface Craft {
   notBefore?: Buffer;
   notAfter?: Buffer;
   subject?: Buffer;
+  /** The serialNumber INTEGER's contents octets, hex. */
+  serial?: string;
 }
 
 /** A self-issued certificate with exactly these fields, signed ECDSA-SHA256 by node:crypto. */
@@ -132,7 +134,7 @@ function craft(c: Craft = {}): Buffer {
   const exts = c.extensions === null ? [] : [contextTag(3, true, sequence(...(c.extensions ?? [ext(OID.subjectAltName, sequence(uri(SVID_ID)))])))];
   const tbs = sequence(
     ...(c.extensions === null ? [] : [contextTag(0, true, smallInteger(2))]),
-    tlv(UNIVERSAL, false, TAG.INTEGER, hex('01020304')),
+    tlv(UNIVERSAL, false, TAG.INTEGER, hex(c.serial ?? '01020304')),
     sequence(objectIdentifier(OID.ecdsaWithSha256)),
     cn('craft issuer'),
     sequence(c.notBefore ?? utcTime(new Date(now - 60_000)), c.notAfter ?? utcTime(new Date(now + 3600_000))),
@@ -168,6 +170,15 @@ test('a crafted certificate reads back field for field', () => {
   assert.deepEqual(x.keyUsage, info.eku, 'node:crypto reads the same EKU');
   assert.equal(info.publicKey.label, 'EC P-256');
   assert.equal(info.fingerprint, x.fingerprint256.replace(/:/g, '').toLowerCase());
+});
+
+test('a serial whose first byte is high reads without DER\'s 00 sign octet, as openssl prints it', () => {
+  // About one openssl serial in 256 is encoded this way: 159 random bits with a zero top byte.
+  const der = craft({ serial: '00a9be0d3fb533c69ef0a0408a2b3641e27092b4' });
+  const x = opensslParses(der);
+  assert.equal(readCertificate(der).serial, 'a9be0d3fb533c69ef0a0408a2b3641e27092b4');
+  assert.equal(readCertificate(der).serial.toUpperCase(), x.serialNumber.replace(/^00/, ''));
+  assert.equal(readCertificate(craft({ serial: '00' })).serial, '00', 'serial zero keeps its one octet');
 });
 
 test('cA=TRUE without keyCertSign is a CA certificate, whatever OpenSSL\'s X509_check_ca says', () => {

@@ -299,7 +299,7 @@ export interface Extension {
 
 /** The fields knit reads from a certificate's DER. */
 export interface CertificateFields {
-  /** The serial number's contents octets, lowercase hex (as @peculiar/x509 printed it). */
+  /** The serial number in lowercase hex, without the 00 octet DER puts before a high first byte (as openssl and @peculiar/x509 print it). */
   serial: string;
   subject: string;
   notBefore: Date;
@@ -322,8 +322,9 @@ export function readCertificate(der: Buffer): CertificateFields {
   let i = 0;
   if (is(tbs[i], CONTEXT, 0)) i++;
   // Not integerBytes: RFC 5280 4.1.2.2 tells readers to cope with CAs that encode serials loosely, and knit only logs it.
-  const serial = expect(tbs[i++], UNIVERSAL, TAG.INTEGER, 'serialNumber').value.toString('hex');
-  if (serial === '') bad('empty serialNumber');
+  const serialOctets = expect(tbs[i++], UNIVERSAL, TAG.INTEGER, 'serialNumber').value;
+  if (serialOctets.length === 0) bad('empty serialNumber');
+  const serial = (serialOctets.length > 1 && serialOctets[0] === 0 ? serialOctets.subarray(1) : serialOctets).toString('hex');
   expect(tbs[i++], UNIVERSAL, TAG.SEQUENCE, 'signature AlgorithmIdentifier');
   expect(tbs[i++], UNIVERSAL, TAG.SEQUENCE, 'issuer');
   const validity = children(expect(tbs[i++], UNIVERSAL, TAG.SEQUENCE, 'validity'));

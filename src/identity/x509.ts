@@ -18,7 +18,7 @@ export type { KeyUsageName } from './der.js';
 export interface CertInfo {
   /** The certificate re-armoured: 64-character lines, no trailing newline. */
   pem: string;
-  /** The serial number's DER contents octets, lowercase hex. */
+  /** The serial number, lowercase hex, without DER's leading 00 sign octet. */
   serial: string;
   subject: string;
   notBefore: Date;
