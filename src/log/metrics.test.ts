@@ -135,3 +135,19 @@ test('the process metrics are the families collectDefaultMetrics registers; proc
   assert.ok(total! >= (spent.user + spent.system) / 1e6 - 0.02, `counted ${total} s of CPU, at least the ${(spent.user + spent.system) / 1e6} s spent`);
   assert.ok(valueIn(m.render(), 'process_cpu_seconds_total') >= total!, 'a counter never goes down');
 });
+
+test('counters add up across scrapes; label sets never merge, whatever their values hold; a bad increment throws', async () => {
+  const m = new Metrics({ processMetrics: false });
+  const a = { service: 'a', reason: 'x:y' };
+  const b = { service: 'a:x', reason: 'y' };
+  for (let i = 0; i < 1000; i++) m.inc('knit_n_total', 'N', i % 2 ? a : b, 2);
+  assert.match(await m.registry.metrics(), /^knit_n_total\{reason="x:y",service="a"\} 1000$/m);
+  m.inc('knit_n_total', 'N', a, 0.5);
+  m.inc('knit_n_total', 'N', { service: '1:a', reason: '' });
+  assert.match(m.render(), /^knit_n_total\{reason="x:y",service="a"\} 1000\.5$/m);
+  assert.match(m.render(), /^knit_n_total\{reason="y",service="a:x"\} 1000$/m);
+  assert.equal(m.get('knit_n_total', { service: '1:a' }), 1);
+  assert.equal(m.get('knit_n_total', b), 1000);
+  for (const bad of [-1, NaN, Infinity]) assert.throws(() => m.inc('knit_n_total', 'N', a, bad), RangeError);
+  assert.equal(m.get('knit_n_total', a), 1000.5, 'a refused increment changes nothing');
+});
