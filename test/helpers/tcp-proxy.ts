@@ -7,7 +7,10 @@
  * - cutOn(match) resets the connection instead of forwarding a chosen
  *   client packet, so exactly that request is lost with its connection;
  * - tap(fn) sees each client packet before it goes on, so a test can act
- *   while a chosen request is in flight.
+ *   while a chosen request is in flight;
+ * - stall(n) accepts the next n connections and then leaves them silent:
+ *   nothing forwarded, nothing answered, never closed (as ZooKeeper 3.8
+ *   leaves a connection that arrives while it loads its database).
  *   Packets are length-prefixed (a 4-byte big-endian length, then the
  *   body), which is ZooKeeper's wire format; `match` gets each whole packet
  *   with its index on its connection (0 is ZooKeeper's connect request).
@@ -30,6 +33,9 @@ export class TcpProxy {
   /** Client packets forwarded to the server so far (a ZooKeeper session starts with one). */
   forwarded = 0;
   private severed = false;
+  private stalls = 0;
+  /** Connections held by stall(), still open. */
+  readonly stalled = new Set<net.Socket>();
   private readonly pairs = new Set<{ client: net.Socket; upstream: net.Socket }>();
   private readonly rules: Array<CutRule & { match: (packet: Buffer, index: number) => boolean }> = [];
   private readonly taps = new Set<(packet: Buffer, index: number) => void>();
@@ -86,8 +92,14 @@ export class TcpProxy {
     return rule;
   }
 
+  /** The next `n` connections are accepted and left silent (see the module doc); close() ends them. */
+  stall(n = 1): void {
+    this.stalls += n;
+  }
+
   async close(): Promise<void> {
     this.cut();
+    for (const s of this.stalled) s.destroy();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
 
@@ -101,6 +113,13 @@ export class TcpProxy {
     this.accepted++;
     if (this.severed) {
       client.resetAndDestroy();
+      return;
+    }
+    if (this.stalls > 0) {
+      this.stalls--;
+      this.stalled.add(client);
+      client.on('error', () => undefined).on('close', () => this.stalled.delete(client));
+      client.resume();
       return;
     }
     const upstream = net.connect(this.target);

@@ -90,6 +90,12 @@ export interface ZooKeeperOptions {
   log: Logger;
   /** How long to wait for the first connection before failing. */
   connectTimeoutMs?: number;
+  /**
+   * How long a server may hold an accepted connection without answering
+   * the session handshake before knit closes it and the library tries
+   * again. Default a quarter of the session timeout, from 2 s to 10 s.
+   */
+  handshakeTimeoutMs?: number;
   /** Absent: anonymous (an open tree as before, or read-only on a protected one). See the module doc. */
   credentials?: ZooKeeperCredentials;
 }
@@ -176,12 +182,21 @@ function protectedPlan(serverIds: string[], agentId: string): AclPlan {
 /** Which credential a write needs, for the message of KNIT_ERR_REGISTRY_DENIED. */
 type Need = 'server' | 'agent';
 
-/** What stopClient() needs of node-zookeeper-client's connection manager (not part of its typed API). */
+/**
+ * What stopClient() and the handshake watch need of node-zookeeper-client's
+ * (1.1.x) connection manager: not part of its typed API. A release without
+ * `state` and `socket` turns the handshake watch off, and the handshake
+ * test in zookeeper.test.ts fails.
+ */
 interface ConnectionInternals {
-  socket?: { destroy(): void };
+  /** ConnectionManager.STATES: CM_CONNECTING while it connects and waits for the handshake's answer. */
+  state?: number;
+  socket?: { connecting?: boolean; destroyed?: boolean; remoteAddress?: string; remotePort?: number; destroy(): void };
   connect(): void;
   onSocketConnected(): void;
 }
+/** ConnectionManager.STATES.CONNECTING. */
+const CM_CONNECTING = 1;
 
 /**
  * Stops a client for good. A connected one is closed (its session ends
@@ -256,6 +271,8 @@ export class ZooKeeperRegistry implements Registry {
   /** Pending backoff waits; a reconnection or a new session cuts them short. */
   private readonly sleepers = new Set<() => void>();
   private lostTimer: NodeJS.Timeout | undefined;
+  /** Per client that is not connected, its handshake watch (see watchHandshake()). */
+  private readonly handshakeWatches = new Map<Client, NodeJS.Timeout>();
   /** This client's own digest id, when it has credentials. */
   private readonly ownId: string | undefined;
   /** Set by connect(): open, or learnt/computed for the credential's role. */
@@ -322,6 +339,7 @@ export class ZooKeeperRegistry implements Registry {
           if (settled) return;
           settled = true;
           clearTimeout(timer);
+          this.unwatchHandshake(client);
           signal.removeEventListener('abort', aborted);
           if (err) reject(err);
           else resolve();
@@ -331,7 +349,10 @@ export class ZooKeeperRegistry implements Registry {
         signal.addEventListener('abort', aborted, { once: true });
         client.once('connected', () => settle());
         if (signal.aborted) aborted();
-        else client.connect();
+        else {
+          this.watchHandshake(client);
+          client.connect();
+        }
       });
     } catch (e) {
       this.closeClient(client);
@@ -344,6 +365,8 @@ export class ZooKeeperRegistry implements Registry {
     client.on('state', (s) => {
       this.o.log.debug({ event: EVENTS.registryClientState, state: s.toString(), generation }, 'ZooKeeper client state');
       if (generation !== this.sessionGeneration || this.closed) return;
+      if (s === State.DISCONNECTED) this.watchHandshake(client);
+      else this.unwatchHandshake(client);
       if (s === State.DISCONNECTED) {
         this.wasDisconnected = true;
         this.o.log.warn({ event: EVENTS.registryError, servers: this.o.servers }, 'disconnected from ZooKeeper; routing on the last known instances');
@@ -596,8 +619,53 @@ export class ZooKeeperRegistry implements Registry {
     });
   }
 
+  /**
+   * node-zookeeper-client bounds a TCP connect (session timeout / servers)
+   * but not the session handshake after it: a server that accepts the
+   * connection and never answers holds the client until knit gives the
+   * session up (1.5 session timeouts) and starts another. ZooKeeper 3.8
+   * does that to a connection that arrives while it loads its database
+   * after a restart (its worker throws a NullPointerException instead of
+   * closing it), which is just when every client of the ensemble
+   * reconnects. While the client is not connected, this closes a
+   * connection left unanswered for handshakeTimeoutMs, and the library
+   * tries again, in the same session if it is still alive.
+   */
+  private watchHandshake(client: Client): void {
+    const cm = (client as unknown as { connectionManager?: ConnectionInternals }).connectionManager;
+    if (!cm || this.handshakeWatches.has(client)) return;
+    const ms = this.o.handshakeTimeoutMs ?? Math.min(10_000, Math.max(2_000, Math.floor(this.o.sessionTimeoutMs / 4)));
+    let seen: ConnectionInternals['socket'];
+    let since = 0;
+    const timer = setInterval(() => {
+      const sock = cm.socket;
+      if (cm.state !== CM_CONNECTING || !sock || sock.connecting || sock.destroyed) {
+        seen = undefined;
+        return;
+      }
+      const now = Date.now();
+      if (sock !== seen) {
+        seen = sock;
+        since = now;
+      } else if (now - since >= ms) {
+        seen = undefined;
+        const server = `${sock.remoteAddress ?? '?'}:${sock.remotePort ?? '?'}`;
+        this.o.log.warn({ event: EVENTS.registryError, servers: this.o.servers, server, ms }, `ZooKeeper at ${server} accepted the connection but did not answer the session handshake within ${ms} ms; connecting again`);
+        sock.destroy();
+      }
+    }, Math.max(50, Math.min(1000, Math.floor(ms / 4))));
+    timer.unref();
+    this.handshakeWatches.set(client, timer);
+  }
+
+  private unwatchHandshake(client: Client): void {
+    clearInterval(this.handshakeWatches.get(client));
+    this.handshakeWatches.delete(client);
+  }
+
   /** Closes a client, connected or not, and fails the calls it still owes an answer. */
   private closeClient(client: Client): void {
+    this.unwatchHandshake(client);
     stopClient(client);
     for (const abandon of [...(this.inflight.get(client) ?? [])]) abandon();
   }
