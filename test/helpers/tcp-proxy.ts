@@ -7,13 +7,13 @@
  * - cutOn(match) resets the connection instead of forwarding a chosen
  *   client packet, so exactly that request is lost with its connection;
  * - tap(fn) sees each client packet before it goes on, so a test can act
- *   while a chosen request is in flight;
+ *   while a chosen request is in flight.
+ *   Packets are length-prefixed (a 4-byte big-endian length, then the
+ *   body), which is ZooKeeper's wire format; `match` gets each whole packet
+ *   with its index on its connection (0 is ZooKeeper's connect request);
  * - stall(n) accepts the next n connections and then leaves them silent:
  *   nothing forwarded, nothing answered, never closed (as ZooKeeper 3.8
  *   leaves a connection that arrives while it loads its database).
- *   Packets are length-prefixed (a 4-byte big-endian length, then the
- *   body), which is ZooKeeper's wire format; `match` gets each whole packet
- *   with its index on its connection (0 is ZooKeeper's connect request).
  *
  * Listens on 127.0.0.1, port 0.
  */

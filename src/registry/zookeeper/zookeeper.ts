@@ -365,9 +365,9 @@ export class ZooKeeperRegistry implements Registry {
     client.on('state', (s) => {
       this.o.log.debug({ event: EVENTS.registryClientState, state: s.toString(), generation }, 'ZooKeeper client state');
       if (generation !== this.sessionGeneration || this.closed) return;
-      if (s === State.DISCONNECTED) this.watchHandshake(client);
-      else this.unwatchHandshake(client);
+      this.unwatchHandshake(client);
       if (s === State.DISCONNECTED) {
+        this.watchHandshake(client);
         this.wasDisconnected = true;
         this.o.log.warn({ event: EVENTS.registryError, servers: this.o.servers }, 'disconnected from ZooKeeper; routing on the last known instances');
         for (const w of this.watches) w.fail(new KnitError('KNIT_ERR_REGISTRY_UNAVAILABLE', 'disconnected from ZooKeeper'));
